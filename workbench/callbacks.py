@@ -1,0 +1,77 @@
+"""Keras callbacks the trainer adds to every fit: epoch timing and learning rate, divergence, reporting."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+import keras
+import mlflow
+
+from workbench import tracking
+from workbench.checkpoints import CheckpointDir
+
+# (epoch from 1, metrics) -> stop? Studies pass one that reports to the Optuna trial and answers whether
+# the pruner wants the trial stopped; training then ends normally after that epoch.
+ReportFn = Callable[[int, dict[str, float]], bool | None]
+
+
+class Diverged(FloatingPointError):
+    """The training loss became NaN or infinite."""
+
+
+class EpochMetrics(keras.callbacks.Callback):
+    """Adds learning_rate, epoch_seconds and images_per_second to each epoch's logs.
+
+    Timing uses the callback hooks Keras already calls, so it adds no work to the training step.
+    """
+
+    def __init__(self, batch_size: int, steps_per_epoch: int):
+        super().__init__()
+        self.images = batch_size * steps_per_epoch
+        self._start = self._train_end = 0.0
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._start = time.perf_counter()
+        self._train_end = 0.0
+
+    def on_test_begin(self, logs: dict | None = None) -> None:
+        if self._start and not self._train_end:
+            self._train_end = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        now = time.perf_counter()
+        train_seconds = (self._train_end or now) - self._start
+        logs["epoch_seconds"] = now - self._start
+        logs["images_per_second"] = self.images / train_seconds
+        logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        loss = logs.get("loss")
+        if loss is not None and not math.isfinite(loss):
+            raise Diverged(f"training loss became {loss} in epoch {epoch + 1}")
+
+
+class Report(keras.callbacks.Callback):
+    """Hands each epoch's metrics (epochs counted from 1) to a hook, and stops training when it says so."""
+
+    def __init__(self, report: ReportFn):
+        super().__init__()
+        self.report = report
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if self.report(epoch + 1, {k: float(v) for k, v in (logs or {}).items()}):
+            self.model.stop_training = True
+
+
+class MlflowEpochs(keras.callbacks.Callback):
+    """Logs each epoch's metrics to the active MLflow run (step = epoch, from 1), and, when given a
+    checkpoint folder, that epoch's checkpoint too."""
+
+    def __init__(self, every_epoch: CheckpointDir | None = None):
+        super().__init__()
+        self.every_epoch = every_epoch
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        tracking.log_epoch({k: float(v) for k, v in (logs or {}).items()}, epoch + 1)
+        if self.every_epoch is not None:
+            mlflow.log_artifact(str(self.every_epoch.epoch_file(epoch + 1)), artifact_path="checkpoints")

@@ -1,0 +1,26 @@
+"""Hydra callbacks the workbench registers in conf/config.yaml."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+
+class PrepareTracking(Callback):
+    """Create the MLflow store and experiment once, in the launching process, before a multirun's jobs
+    start: parallel jobs that each create a fresh SQLite store race on its schema."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # A study's sweeper does this itself, after it has checked the study: a refused study leaves nothing.
+        if "tracking" in config and config.get("study") is None:
+            from workbench import tracking
+            from workbench.app import fail
+            from workbench.config import ConfigError
+
+            try:
+                tracking.check_server(config.tracking)
+                tracking.configure(config.tracking)
+            except ConfigError as exc:
+                fail(str(exc))

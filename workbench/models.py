@@ -1,0 +1,117 @@
+"""The architecture registry and the shared classifier head.
+
+The registry itself is plain data, so validation can use it without importing TensorFlow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import keras
+    from omegaconf import DictConfig
+
+
+@dataclass(frozen=True)
+class Architecture:
+    application: str | None  # the keras.applications constructor; None for small_cnn
+    module: str | None       # the keras.applications module that holds its preprocess_input
+    native_size: int
+    min_size: int
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "small_cnn": Architecture(None, None, 32, 8),
+    "nasnet_large": Architecture("NASNetLarge", "nasnet", 331, 32),
+    "nasnet_mobile": Architecture("NASNetMobile", "nasnet", 224, 32),
+    "resnet50": Architecture("ResNet50", "resnet50", 224, 32),
+    "inception_v3": Architecture("InceptionV3", "inception_v3", 299, 75),
+    "mobilenet_v2": Architecture("MobileNetV2", "mobilenet_v2", 224, 32),
+    "efficientnet_b0": Architecture("EfficientNetB0", "efficientnet", 224, 32),
+}
+
+
+def input_size(model_cfg: DictConfig) -> int:
+    """The configured input side, or the architecture's native one."""
+    return model_cfg.input_size or ARCHITECTURES[model_cfg.name].native_size
+
+
+def preprocessor(name: str):
+    """The architecture's own `preprocess_input`, mapping [0, 255] RGB images to what it expects."""
+    import keras
+
+    module = ARCHITECTURES[name].module
+    if module is None:
+        return lambda images: images / 255.0
+    return getattr(keras.applications, module).preprocess_input
+
+
+def build(model_cfg: DictConfig, num_classes: int) -> keras.Model:
+    """Backbone (named `backbone`) -> dropout -> dense -> float32 softmax."""
+    import keras
+
+    size = input_size(model_cfg)
+    shape = (size, size, 3)
+    weights = model_cfg.weights
+    if weights not in (None, "imagenet"):
+        weights = str(Path(weights).expanduser())
+    # Our own .keras checkpoints give the backbone; other files are keras.applications weight files.
+    checkpoint = weights if weights and weights.endswith(".keras") else None
+    arch = ARCHITECTURES[model_cfg.name]
+    if arch.application is None:
+        backbone = _small_cnn(shape)
+    else:
+        backbone = getattr(keras.applications, arch.application)(
+            include_top=False,
+            weights=None if checkpoint else weights,
+            input_shape=shape,
+            pooling="avg",
+            name="backbone",
+        )
+    if checkpoint:
+        source = keras.saving.load_model(checkpoint, compile=False)
+        backbone.set_weights(source.get_layer("backbone").get_weights())
+
+    inputs = keras.Input(shape, name="images")
+    x = backbone(inputs)
+    x = keras.layers.Dropout(model_cfg.dropout, name="dropout")(x)
+    x = keras.layers.Dense(num_classes, name="classifier")(x)
+    # Under mixed precision the softmax must stay float32, or probabilities and the loss lose precision.
+    outputs = keras.layers.Activation("softmax", dtype="float32", name="probabilities")(x)
+    return keras.Model(inputs, outputs, name=model_cfg.name)
+
+
+def _small_cnn(shape: tuple[int, int, int]) -> keras.Model:
+    import keras
+
+    layers = keras.layers
+    blocks = []
+    for i, filters in enumerate((32, 64, 128)):
+        blocks += [
+            layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"conv{i}"),
+            # momentum 0.9, not Keras's 0.99: short runs need moving statistics that converge quickly.
+            layers.BatchNormalization(momentum=0.9, name=f"bn{i}"),
+            layers.ReLU(name=f"relu{i}"),
+        ]
+        if i < 2:
+            blocks.append(layers.MaxPooling2D(name=f"pool{i}"))
+    blocks.append(layers.GlobalAveragePooling2D(name="pool"))
+    return keras.Sequential([keras.Input(shape), *blocks], name="backbone")
+
+
+def add_kernel_l2(model: keras.Model, weight_decay: float) -> None:
+    """L2 on conv and dense kernels only (BN and biases excluded), as the TF ResNet tutorial does.
+
+    Variable regularizers are not saved with a model: call again after loading a checkpoint.
+    """
+    import keras
+
+    kernel_layers = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.SeparableConv2D, keras.layers.Dense)
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if isinstance(layer, kernel_layers):
+            for attr in ("kernel", "depthwise_kernel", "pointwise_kernel"):
+                variable = getattr(layer, attr, None)
+                if variable is not None:
+                    variable.regularizer = keras.regularizers.L2(weight_decay)

@@ -1,0 +1,187 @@
+"""Where the images come from: built-in digits, an image folder, or synthetic tensors.
+
+No TensorFlow here: a missing folder or an empty class is refused before any model is built.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig
+
+from workbench.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+# First bytes of each format tf.io.decode_image reads; anything else is skipped as unreadable.
+_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")
+_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp"}
+SPLIT_SEED = 0
+
+
+@dataclass
+class Split:
+    """Images (an in-memory uint8 array, N x H x W x 3) or image files, with integer labels."""
+
+    labels: np.ndarray
+    images: np.ndarray | None = None
+    files: list[str] | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class Source:
+    name: str
+    class_names: list[str]
+    train: Split
+    val: Split
+    uri: str      # where the data lives, for MLflow's dataset record
+    digest: str   # identifies the exact examples, for MLflow's dataset record
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def load(data_cfg: DictConfig, input_size: int) -> Source:
+    """The configured source, split into training and validation examples.
+
+    Splits use a fixed seed, not trainer.seed: a sweep over training seeds keeps one validation set.
+    """
+    if data_cfg.name == "digits":
+        return _digits(data_cfg.val_fraction)
+    if data_cfg.name == "image_folder":
+        return _image_folder(data_cfg.path, data_cfg.val_fraction)
+    if data_cfg.name == "synthetic":
+        return _synthetic(data_cfg, input_size)
+    raise ConfigError(f"data.name={data_cfg.name}: not one of digits, image_folder, synthetic")
+
+
+def _digits(val_fraction: float) -> Source:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    # 8x8 grey levels 0..16 -> uint8 0..255, tiled to 3 channels; resized to the model's input in tf.data.
+    images = np.repeat((digits.images * (255.0 / 16.0)).round().astype(np.uint8)[..., None], 3, axis=-1)
+    x_train, x_val, y_train, y_val = train_test_split(
+        images, digits.target, test_size=val_fraction, random_state=SPLIT_SEED, stratify=digits.target
+    )
+    return Source(
+        name="digits",
+        class_names=[str(c) for c in digits.target_names],
+        train=Split(labels=y_train.astype(np.int32), images=x_train),
+        val=Split(labels=y_val.astype(np.int32), images=x_val),
+        uri="sklearn.datasets.load_digits",
+        digest=_digest(images.tobytes()),
+    )
+
+
+def _synthetic(data_cfg: DictConfig, input_size: int) -> Source:
+    rng = np.random.default_rng(SPLIT_SEED)
+    n = data_cfg.num_examples
+    images = rng.integers(0, 256, size=(n, input_size, input_size, 3), dtype=np.uint8)
+    labels = rng.integers(0, data_cfg.num_classes, size=n, dtype=np.int32)
+    n_val = max(1, int(round(n * data_cfg.val_fraction)))
+    return Source(
+        name="synthetic",
+        class_names=[str(c) for c in range(data_cfg.num_classes)],
+        train=Split(labels=labels[n_val:], images=images[n_val:]),
+        val=Split(labels=labels[:n_val], images=images[:n_val]),
+        uri=f"synthetic://{n}x{input_size}x{input_size}x3",
+        digest=_digest(f"{n}-{input_size}-{data_cfg.num_classes}".encode()),
+    )
+
+
+def _image_folder(path: str | None, val_fraction: float) -> Source:
+    root = Path(str(path)).expanduser() if path else None
+    if root is None or not root.is_dir():
+        raise ConfigError(f"data.path={path}: no such folder; give a folder with one sub-folder per class")
+    train_root, val_root = root, None
+    for name in ("val", "validation"):
+        if (root / "train").is_dir() and (root / name).is_dir():
+            train_root, val_root = root / "train", root / name
+            break
+    classes = sorted(p.name for p in train_root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise ConfigError(f"data.path={path}: empty; it needs one sub-folder of images per class")
+
+    skipped: list[Path] = []
+    train_files = _scan(train_root, classes, skipped)
+    if val_root is not None:
+        val_files = _scan(val_root, classes, skipped, required=False)
+        train, val = _as_split(train_files), _as_split(val_files)
+    else:
+        train, val = _split_per_class(classes, train_files, val_fraction)
+    if skipped:
+        log.warning("Skipped %d unreadable file(s) under %s, e.g. %s", len(skipped), root, skipped[0])
+    if len(val) == 0:
+        raise ConfigError(f"data.path={path}: no validation images; add a val/ folder or raise data.val_fraction")
+    all_files = sorted(f for files in train_files for f in files)
+    return Source(
+        name=root.name,
+        class_names=classes,
+        train=train,
+        val=val,
+        uri=str(root.resolve()),
+        digest=_digest("\n".join(all_files).encode()),
+    )
+
+
+def _scan(root: Path, classes: list[str], skipped: list[Path], required: bool = True) -> list[list[str]]:
+    """Readable image files of each class, in a stable order."""
+    per_class = []
+    for name in classes:
+        folder = root / name
+        files = []
+        for p in sorted(folder.rglob("*")) if folder.is_dir() else []:
+            if p.suffix.lower() not in _SUFFIXES or not p.is_file():
+                continue
+            if _readable(p):
+                files.append(str(p))
+            else:
+                skipped.append(p)
+        if required and not files:
+            raise ConfigError(f"{folder}: class folder has no readable image (JPEG, PNG, GIF or BMP)")
+        per_class.append(files)
+    return per_class
+
+
+def _readable(path: Path) -> bool:
+    try:
+        with path.open("rb") as f:
+            head = f.read(8)
+    except OSError:
+        return False
+    return any(head.startswith(sig) for sig in _SIGNATURES)
+
+
+def _as_split(per_class: list[list[str]]) -> Split:
+    files = [f for fs in per_class for f in fs]
+    labels = np.array([c for c, fs in enumerate(per_class) for _ in fs], dtype=np.int32)
+    return Split(labels=labels, files=files)
+
+
+def _split_per_class(
+    classes: list[str], per_class: list[list[str]], val_fraction: float
+) -> tuple[Split, Split]:
+    train, val = [], []
+    for name, files in zip(classes, per_class):
+        # One stream per class: adding images to one class leaves the other classes' splits alone.
+        rng = np.random.default_rng([SPLIT_SEED, zlib.crc32(name.encode())])
+        order = rng.permutation(len(files))
+        n_val = int(round(len(files) * val_fraction)) if len(files) > 1 else 0
+        val.append([files[i] for i in sorted(order[:n_val])])
+        train.append([files[i] for i in sorted(order[n_val:])])
+    return _as_split(train), _as_split(val)
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:12]

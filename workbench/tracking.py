@@ -1,0 +1,222 @@
+"""MLflow: one run per training, from params to final status, never left RUNNING."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from tempfile import TemporaryDirectory
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig
+
+from workbench.config import RUN_CONTROL_KEYS, ConfigError, flatten, redact, redacted_yaml, sqlalchemy_url
+
+log = logging.getLogger(__name__)
+CURVES = (("loss", "val_loss"), ("accuracy", "val_accuracy"), ("learning_rate",))
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's stop or preemption) or SLURM's SIGUSR2 warning before the time limit ends a
+    run the way Ctrl-C does: KILLED."""
+
+
+# What a scheduler sends before it stops a job: SIGTERM, and SIGUSR2 from SLURM (submitit's --signal).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
+
+
+def configure(tracking_cfg: DictConfig) -> str:
+    """Point MLflow at the configured store and experiment, creating them if need be; return the experiment id."""
+    if tracking_cfg.uri:
+        mlflow.set_tracking_uri(sqlalchemy_url(str(tracking_cfg.uri)))
+    try:
+        # Runs name this id rather than rely on the active experiment: when parallel jobs create the
+        # experiment at once, the one that loses the race gets it back but is left on Default (mlflow 3.17).
+        return mlflow.set_experiment(tracking_cfg.experiment).experiment_id
+    except MlflowException as exc:
+        if exc.error_code not in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+            raise
+        raise ConfigError(
+            f"tracking.uri={redact(mlflow.get_tracking_uri())}: the server refused access ({exc.error_code}); "
+            "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)"
+        ) from None
+
+
+def check_server(tracking_cfg: DictConfig) -> None:
+    """Refuse a tracking server that does not answer, at once: MLflow retries each request for minutes.
+    For entry points, where someone waits; a study's workers ride out a server restart on those retries."""
+    import urllib.error
+    import urllib.request
+
+    uri = str(tracking_cfg.uri or mlflow.get_tracking_uri())
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10).close()
+    except urllib.error.HTTPError:
+        pass  # something answered: MLflow's own requests say what is wrong
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ConfigError(f"tracking.uri={redact(uri)}: no MLflow server answers there ({reason})") from None
+
+
+@contextlib.contextmanager
+def run(
+    tracking_cfg: DictConfig,
+    experiment_id: str,
+    run_id: str | None = None,
+    parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+) -> Iterator[mlflow.ActiveRun]:
+    """Start (or continue, with run_id) a run in the experiment `configure` returned; end it FINISHED, FAILED
+    or KILLED."""
+    active = mlflow.start_run(
+        run_id=run_id,
+        experiment_id=None if run_id else experiment_id,
+        run_name=None if run_id else tracking_cfg.run_name,
+        parent_run_id=parent_run_id,
+        tags=tags,
+    )
+    status = "FAILED"
+    try:
+        with _sigterm_raises():
+            yield active
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        mlflow.set_tag("workbench.stopped", "interrupted (Ctrl-C or SIGTERM)")
+        raise
+    except BaseException as exc:
+        mlflow.set_tag("workbench.error", redact(f"{type(exc).__name__}: {exc}")[:5000])
+        raise
+    finally:
+        mlflow.flush_async_logging()
+        mlflow.end_run(status)
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated(f"signal {signum}")
+
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def log_config(cfg: DictConfig, hydra_dir: Path | None) -> None:
+    """Params (the whole config as dotted keys) and the config files as artifacts, secrets redacted."""
+    params = {k: v for k, v in flatten(cfg).items() if k not in RUN_CONTROL_KEYS}
+    mlflow.log_params(params)  # MLflow batches these into few requests
+    with TemporaryDirectory() as tmp:
+        (Path(tmp) / "config.yaml").write_text(redacted_yaml(cfg))
+        if hydra_dir is not None:
+            for name in ("hydra.yaml", "overrides.yaml"):
+                source = hydra_dir / name
+                if source.is_file():
+                    (Path(tmp) / name).write_text(_redact_file(source))
+        mlflow.log_artifacts(tmp, artifact_path="config")
+
+
+def _redact_file(path: Path) -> str:
+    from omegaconf import OmegaConf
+
+    return redacted_yaml(OmegaConf.load(path), resolve=False)
+
+
+def run_tags(cfg: DictConfig, choices: dict[str, str], overrides: list[str], config_hash: str) -> dict[str, str]:
+    return {
+        "model": cfg.model.name,
+        "optimizer": cfg.optimizer.name,
+        "schedule": cfg.schedule.name,
+        "augmentation": cfg.augmentation.name,
+        "data": cfg.data.name,
+        "recipe": choices.get("recipe") or "none",
+        "overrides": redact(" ".join(overrides))[:5000],
+        "workbench.config_hash": config_hash,
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "all"),
+    }
+
+
+def log_dataset(name: str, uri: str, digest: str, context: str = "training") -> None:
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    if Path(uri).is_absolute():
+        with warnings.catch_warnings():  # a local folder matches several source types; any one will do
+            warnings.simplefilter("ignore", UserWarning)
+            source = resolve_dataset_source(uri)
+    else:
+        source = CodeDatasetSource({"loader": uri})
+    mlflow.log_input(MetaDataset(source=source, name=name, digest=digest), context=context)
+
+
+def log_epoch(metrics: dict[str, float], epoch: int) -> None:
+    """Per-epoch metrics, queued for a background thread so training never waits on the store."""
+    mlflow.log_metrics(metrics, step=epoch, synchronous=False)
+
+
+def log_curves(run_id: str) -> None:
+    """A training-curve PNG from the run's whole metric history (earlier attempts of a resumed run too)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mlflow.flush_async_logging()
+    client = MlflowClient()
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(5 * len(CURVES), 3.5))
+    for ax, keys in zip(axes, CURVES):
+        for key in keys:
+            history = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
+            if history:
+                ax.plot([m.step for m in history], [m.value for m in history], marker="o", label=key)
+        ax.set_xlabel("epoch")
+        ax.set_title(keys[0].replace("_", " "))
+        ax.legend()
+    fig.tight_layout()
+    mlflow.log_figure(fig, "training_curves.png")
+    plt.close(fig)
+
+
+def ui_hint(run_id: str) -> str:
+    """How to look at a run: the `mlflow ui` command for a database store, the page for a server."""
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        run = MlflowClient().get_run(run_id)
+        return f"open {redact(uri.rstrip('/'))}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+    return f"mlflow ui --backend-store-uri {redact(uri)}"
+
+
+def log_model(model, size: int, num_classes: int) -> None:
+    """The final model as an MLflow Keras model (`mlflow.keras.load_model` loads it)."""
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, size, size, 3), "images")]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, num_classes), "probabilities")]),
+    )
+    mlflow.keras.log_model(model, name="model", signature=signature)
+
+
+def final_metrics(run_id: str) -> dict[str, float]:
+    """The latest value of every metric of the run, as the MLflow UI shows it."""
+    mlflow.flush_async_logging()
+    return dict(MlflowClient().get_run(run_id).data.metrics)

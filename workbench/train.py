@@ -1,0 +1,202 @@
+"""The shared trainer: one function trains any composed config, for `run.py` and for every study trial."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import mlflow
+from omegaconf import DictConfig
+
+from workbench import models, sources, tracking
+from workbench.config import config_hash, validate
+
+if TYPE_CHECKING:  # TensorFlow loads only once the config and data have been checked
+    from workbench.callbacks import ReportFn
+
+log = logging.getLogger(__name__)
+
+
+def checkpoint_dir(cfg: DictConfig) -> Path:
+    """Where the epoch checkpoint lives: fixed by the config, so the same command finds it again."""
+    if cfg.trainer.checkpoint_dir:
+        return Path(str(cfg.trainer.checkpoint_dir)).expanduser()
+    return Path("checkpoints") / f"{cfg.tracking.experiment}-{config_hash(cfg)}"
+
+
+def train(
+    cfg: DictConfig,
+    report: ReportFn | None = None,
+    parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+) -> dict[str, float]:
+    """Train the configured model, tracked in MLflow; return the final epoch's metrics.
+
+    `report(epoch, metrics)` is called after every epoch and stops training by returning True (studies
+    prune with it); `parent_run_id` and `tags` attach the MLflow run to a study. Besides the per-epoch
+    metrics, the result holds `parameters`, the model's parameter count.
+    """
+    validate(cfg)
+    size = models.input_size(cfg.model)
+    source = sources.load(cfg.data, size)
+    experiment_id = tracking.configure(cfg.tracking)  # a server that refuses us fails before TensorFlow loads
+
+    from workbench.checkpoints import CheckpointDir, State
+
+    ckpt = CheckpointDir(checkpoint_dir(cfg))
+    state = State()
+    if cfg.trainer.resume and ckpt.exists():
+        state = ckpt.read_state()
+        log.info("Resuming from %s after epoch %d (MLflow run %s)", ckpt.path, state.epoch, state.run_id)
+    else:
+        if cfg.trainer.resume:
+            log.info("No checkpoint in %s: starting from scratch", ckpt.path)
+        ckpt.clear()
+
+    with _keras_session(cfg.trainer) as strategy:
+        model, pipelines = _prepare(cfg, source, size, ckpt, state, strategy)
+        choices, overrides, hydra_dir = _hydra_context()
+        run_tags = tracking.run_tags(cfg, choices, overrides, config_hash(cfg)) | (tags or {})
+        with tracking.run(
+            cfg.tracking, experiment_id, run_id=state.run_id, parent_run_id=parent_run_id, tags=run_tags
+        ) as active:
+            run_id = active.info.run_id
+            if state.run_id is None:
+                tracking.log_config(cfg, hydra_dir)
+                tracking.log_dataset(source.name, source.uri, source.digest)
+                mlflow.log_metric("parameters", model.count_params())
+                state.run_id = run_id
+            _fit(cfg, model, pipelines, ckpt, state, report)
+            _log_outputs(cfg, model, ckpt, run_id, size, source.num_classes)
+            return tracking.final_metrics(run_id)
+
+
+def _prepare(cfg, source, size, ckpt, state, strategy):
+    import keras
+
+    from workbench import data, optim
+    from workbench.checkpoints import restore_rng
+
+    pipelines = data.build(source, cfg, size, models.preprocessor(cfg.model.name), initial_epoch=state.epoch)
+    opt = cfg.optimizer
+    with strategy.scope():
+        if state.epoch:
+            model = keras.saving.load_model(ckpt.last)
+            restore_rng(model, state.rng)
+        else:
+            model = models.build(cfg.model, source.num_classes)
+            model.compile(
+                optimizer=optim.build_optimizer(opt, cfg.schedule, pipelines.steps_per_epoch, cfg.trainer.epochs),
+                loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.trainer.label_smoothing),
+                metrics=[
+                    keras.metrics.CategoricalAccuracy(name="accuracy"),
+                    keras.metrics.TopKCategoricalAccuracy(k=5, name="top5_accuracy"),
+                ],
+                jit_compile=_jit(cfg.model.jit_compile),
+            )
+        if opt.l2_kernels_only and opt.weight_decay:
+            models.add_kernel_l2(model, opt.weight_decay)
+    return model, pipelines
+
+
+def _fit(cfg, model, pipelines, ckpt, state, report) -> None:
+    import keras
+
+    from workbench.callbacks import EpochMetrics, MlflowEpochs, Report
+    from workbench.checkpoints import Checkpointer
+
+    uploads = cfg.tracking.checkpoints
+    callbacks = [
+        EpochMetrics(cfg.trainer.batch_size, pipelines.steps_per_epoch),
+        # Checkpoint before logging: metrics in MLflow always have a checkpoint to resume from.
+        Checkpointer(
+            ckpt, state, cfg.tracking.monitor,
+            keep_best=uploads in ("best", "best_and_last"), keep_every=uploads == "every_epoch",
+        ),
+        MlflowEpochs(ckpt if uploads == "every_epoch" else None),
+    ]
+    if cfg.optimizer.ema is not None:
+        # Validation sees the averaged weights; checkpoints keep the raw ones (plus the average) for resume.
+        callbacks.insert(0, keras.callbacks.SwapEMAWeights(swap_on_epoch=False))
+    if report is not None:
+        callbacks.append(Report(report))
+    with warnings.catch_warnings():
+        # Validation over image files has no known length (unreadable files are skipped); Keras warns
+        # when it finds the end, which is expected here. The training stream never ends.
+        warnings.filterwarnings("ignore", message="Your input ran out of data")
+        model.fit(
+            pipelines.train,
+            epochs=cfg.trainer.epochs,
+            initial_epoch=state.epoch,
+            steps_per_epoch=pipelines.steps_per_epoch,
+            validation_data=pipelines.val,
+            shuffle=False,  # the pipeline shuffles, reproducibly per epoch
+            callbacks=callbacks,
+            verbose=1 if sys.stdout.isatty() else 2,
+        )
+
+
+def _log_outputs(cfg, model, ckpt, run_id: str, size: int, num_classes: int) -> None:
+    uploads = cfg.tracking.checkpoints
+    if uploads in ("last", "best_and_last") and ckpt.last.exists():
+        mlflow.log_artifact(str(ckpt.last), artifact_path="checkpoints")
+    if uploads in ("best", "best_and_last") and ckpt.best.exists():
+        mlflow.log_artifact(str(ckpt.best), artifact_path="checkpoints")
+    tracking.log_curves(run_id)
+    if cfg.tracking.log_model:
+        tracking.log_model(model, size, num_classes)
+
+
+def _jit(value) -> bool | str:
+    text = str(value).lower()
+    return "auto" if text == "auto" else text == "true"
+
+
+@contextlib.contextmanager
+def _keras_session(trainer_cfg: DictConfig) -> Iterator:
+    """Seeds, determinism, precision policy and distribution for one run; nothing leaks into the next."""
+    import keras
+    import tensorflow as tf
+
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(trainer_cfg.seed)
+    if trainer_cfg.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    policy = {"none": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
+    keras.mixed_precision.set_global_policy(policy[trainer_cfg.mixed_precision])
+    strategy = tf.distribute.MirroredStrategy() if trainer_cfg.distribute == "mirrored" else tf.distribute.get_strategy()
+    gradients = _gradient_registry()
+    registered = set(gradients)
+    try:
+        yield strategy
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+        keras.backend.clear_session()
+        # Each trace of Keras's train step registers a tf.custom_gradient function (the optimizer's
+        # gradient all-reduce) in TensorFlow's global registry, which keeps the traced graphs alive forever:
+        # about 13 MB a run for small_cnn, in a process that trains many times (a study worker).
+        for name in set(gradients) - registered:
+            del gradients[name]
+
+
+def _gradient_registry() -> dict:
+    from tensorflow.python.framework import ops  # no public API lists or removes registered gradients
+
+    return ops._gradient_registry._registry
+
+
+def _hydra_context() -> tuple[dict[str, str], list[str], Path | None]:
+    """Group choices, command-line overrides and the .hydra folder, when running under Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return {}, [], None
+    hc = HydraConfig.get()
+    choices = {k: v for k, v in hc.runtime.choices.items() if v is not None}
+    output_dir = Path(hc.runtime.output_dir) / hc.output_subdir if hc.output_subdir else None
+    return choices, list(hc.overrides.task), output_dir
