@@ -1,0 +1,78 @@
+"""Interrupt a run after epoch 2, resume it with trainer.resume=true, and end where an uninterrupted run ends."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import ROOT, cli_env, run_cli, tracking_uri
+
+# Full digits epochs at 24 px: slow enough to interrupt between epochs, quick enough for CI.
+ARGS = ["trainer.epochs=4", "trainer.deterministic=true", "model.input_size=24", "tracking.log_model=false"]
+COMPARED = ("loss", "accuracy", "val_loss", "val_accuracy", "val_top5_accuracy", "learning_rate")
+
+
+def _interrupt_after_epoch(cwd: Path, epoch: int) -> int:
+    """Start the run, SIGTERM it once the epoch checkpoint records `epoch` finished epochs."""
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "run.py"), *ARGS], cwd=cwd, env=cli_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        states = list(cwd.glob("checkpoints/*/state.json"))
+        if states and json.loads(states[0].read_text())["epoch"] >= epoch:
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.02)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0, f"the run ended before it could be interrupted:\n{out}"
+    return json.loads(states[0].read_text())["epoch"]
+
+
+def _only_run(cwd: Path):
+    client = MlflowClient(tracking_uri(cwd))
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1
+    return client, runs[0]
+
+
+def test_resume_continues_the_same_run_to_the_same_metrics(tmp_path: Path) -> None:
+    interrupted, straight = tmp_path / "interrupted", tmp_path / "straight"
+    interrupted.mkdir()
+    straight.mkdir()
+
+    saved = _interrupt_after_epoch(interrupted, epoch=2)
+    assert 2 <= saved < 4
+    client, killed = _only_run(interrupted)
+    assert killed.info.status == "KILLED"
+
+    resumed = run_cli([*ARGS, "trainer.resume=true"], cwd=interrupted)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "Resuming from" in resumed.stdout + resumed.stderr
+    client, run = _only_run(interrupted)  # the same MLflow run, now finished
+    assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")]
+    assert sorted(steps) == [1, 2, 3, 4], "every epoch logged exactly once across both attempts"
+
+    reference = run_cli(ARGS, cwd=straight)
+    assert reference.returncode == 0, reference.stderr
+    _, expected = _only_run(straight)
+    for key in COMPARED:
+        assert run.data.metrics[key] == pytest.approx(expected.data.metrics[key], rel=1e-5, abs=1e-6), key
+
+
+def test_resume_without_a_checkpoint_starts_fresh(workdir: Path) -> None:
+    result = run_cli(["trainer.epochs=1", "trainer.steps_per_epoch=2", "model.input_size=16",
+                      "trainer.resume=true", "tracking.log_model=false"], cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    assert "No checkpoint in" in result.stdout + result.stderr
+    _, run = _only_run(workdir)
+    assert run.info.status == "FINISHED"

@@ -1,0 +1,132 @@
+"""`python run.py` end to end: the default job, what MLflow records, final statuses and secrets."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import ROOT, TINY, cli_env, run_cli, tracking_uri
+
+EPOCH_METRICS = {
+    "loss", "accuracy", "top5_accuracy", "val_loss", "val_accuracy", "val_top5_accuracy",
+    "learning_rate", "epoch_seconds", "images_per_second",
+}
+
+
+def _runs(cwd: Path):
+    client = MlflowClient(tracking_uri(cwd))
+    return client, client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+def _artifacts(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
+    found = set()
+    for item in client.list_artifacts(run_id, path):
+        found |= _artifacts(client, run_id, item.path) if item.is_dir else {item.path}
+    return found
+
+
+def test_default_job_learns_digits_and_records_everything(workdir: Path) -> None:
+    result = run_cli([], cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    client, runs = _runs(workdir)
+    assert len(runs) == 1
+    run = runs[0]
+    run_id = run.info.run_id
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["val_accuracy"] >= 0.95
+
+    # The closing summary: run id, metrics and the command that opens the UI on this store.
+    assert f"Run {run_id} FINISHED" in result.stdout
+    assert f"mlflow ui --backend-store-uri {tracking_uri(workdir)}" in result.stdout
+
+    params = run.data.params
+    assert params["model.name"] == "small_cnn" and params["optimizer.learning_rate"] == "0.001"
+    assert params["trainer.epochs"] == "10" and "trainer.resume" not in params
+    tags = run.data.tags
+    assert (tags["model"], tags["optimizer"], tags["schedule"], tags["recipe"]) == ("small_cnn", "adam", "cosine", "none")
+
+    for key in EPOCH_METRICS:
+        assert [m.step for m in client.get_metric_history(run_id, key)] == list(range(1, 11)), key
+    assert run.data.metrics["parameters"] > 0
+
+    artifacts = _artifacts(client, run_id)
+    assert {"config/config.yaml", "config/hydra.yaml", "config/overrides.yaml",
+            "checkpoints/best.keras", "checkpoints/last.keras", "training_curves.png"} <= artifacts
+    assert run.inputs.dataset_inputs[0].dataset.name == "digits"
+
+    model = mlflow.keras.load_model(f"runs:/{run_id}/model")
+    images = np.zeros((2, 32, 32, 3), np.float32)
+    probabilities = model.predict(images, verbose=0)
+    assert probabilities.shape == (2, 10) and probabilities.dtype == np.float32
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_overrides_and_git_commit_are_tagged(workdir: Path) -> None:
+    result = run_cli([*TINY, "optimizer=momentum", "schedule=exponential", "tracking.log_model=false"], cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    _, (run,) = _runs(workdir)
+    assert run.data.tags["optimizer"] == "momentum"
+    assert "optimizer=momentum" in run.data.tags["overrides"]
+    assert run.data.params["optimizer.momentum"] == "0.9"
+    if (ROOT / ".git").exists():
+        assert len(run.data.tags.get("mlflow.source.git.commit", "")) == 40
+
+
+def test_secrets_never_reach_mlflow_or_the_console(workdir: Path) -> None:
+    secret = "hunter2-s3cr3t"
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    result = run_cli(
+        [*TINY, "tracking.log_model=false", f"+notes.db_url=postgresql://wb:{secret}@db/optuna",
+         f"+notes.api_token={secret}", f"tracking.uri={uri}"],
+        cwd=workdir,
+    )
+    assert result.returncode == 0, result.stderr
+    assert secret not in result.stdout + result.stderr
+    client, (run,) = _runs(workdir)
+    assert run.data.params["notes.db_url"] == "postgresql://wb:***@db/optuna"
+    assert run.data.params["notes.api_token"] == "***"
+    assert secret not in str(run.data.params) + str(run.data.tags)
+    local = Path(run.info.artifact_uri.removeprefix("file://"))
+    for path in local.rglob("*"):
+        if path.is_file() and path.suffix in (".yaml", ".txt", ".json"):
+            assert secret not in path.read_text(errors="ignore"), path
+
+
+# SIGTERM: a scheduler's stop or preemption; SIGUSR2: SLURM's warning before the time limit (slurm_gpu).
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR2], ids=["SIGTERM", "SIGUSR2"])
+def test_a_stop_signal_ends_the_run_killed(workdir: Path, sig: signal.Signals) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "run.py"), "trainer.epochs=50", "tracking.log_model=false"],
+        cwd=workdir, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not list(workdir.glob("checkpoints/*/state.json")):
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    _, (run,) = _runs(workdir)
+    assert run.info.status == "KILLED"
+    # The epoch checkpoint is whole: it loads.
+    import keras
+
+    (last,) = workdir.glob("checkpoints/*/last.keras")
+    assert keras.saving.load_model(last).name == "small_cnn"
+
+
+def test_a_failing_run_ends_failed_with_the_reason(workdir: Path) -> None:
+    # A learning rate this large makes the loss diverge: the run must end FAILED, not RUNNING.
+    result = run_cli([*TINY, "optimizer=momentum", "optimizer.learning_rate=1.0e+12", "trainer.epochs=3",
+                      "tracking.log_model=false"], cwd=workdir)
+    assert result.returncode != 0
+    _, (run,) = _runs(workdir)
+    assert run.info.status == "FAILED"
+    assert "Diverged" in run.data.tags["workbench.error"]

@@ -1,0 +1,81 @@
+"""The shared trainer in-process: every option group trains, fine-tuning, precision, distribution, hooks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from conftest import TINY, compose_config
+from workbench.train import checkpoint_dir, train
+
+QUIET = [*TINY, "tracking.log_model=false", "tracking.checkpoints=none"]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["augmentation=flip_crop"],
+        ["augmentation=inception"],
+        ["augmentation=mixup"],
+        ["optimizer=rmsprop", "schedule=exponential"],
+        ["optimizer=nesterov", "schedule=piecewise", "schedule.boundaries_epochs=[1]"],
+        ["optimizer=adamw", "schedule=cosine", "schedule.warmup_epochs=1"],
+        ["optimizer=momentum", "optimizer.ema=0.99", "optimizer.clipnorm=1.0"],
+        ["optimizer.weight_decay=1.0e-4", "optimizer.l2_kernels_only=true", "trainer.label_smoothing=0.1"],
+        ["trainer.mixed_precision=bfloat16"],
+        ["trainer.distribute=mirrored"],
+        ["data=synthetic", "data.num_examples=64", "data.num_classes=3"],
+    ],
+    ids=lambda o: " ".join(o),
+)
+def test_every_option_trains(workdir: Path, overrides: list[str]) -> None:
+    metrics = train(compose_config([*QUIET, *overrides]))
+    for key in ("loss", "accuracy", "top5_accuracy", "val_loss", "val_accuracy", "learning_rate",
+                "epoch_seconds", "images_per_second"):
+        assert np.isfinite(metrics[key]), key
+
+
+def test_precision_policy_does_not_leak_into_the_next_run(workdir: Path) -> None:
+    train(compose_config([*QUIET, "trainer.mixed_precision=float16"]))
+    assert keras.mixed_precision.global_policy().name == "float32"
+
+
+def test_kernel_l2_adds_a_penalty_to_kernels_only(workdir: Path) -> None:
+    from workbench import models
+
+    cfg = compose_config(["model.input_size=16"])
+    model = models.build(cfg.model, 10)
+    models.add_kernel_l2(model, 1e-4)
+    regularised = [v.path for v in model.trainable_variables if v.regularizer is not None]
+    assert regularised and all(p.endswith("kernel") for p in regularised)
+    assert len(model.losses) == len(regularised)
+
+
+def test_report_hook_sees_every_epoch_and_can_stop(workdir: Path) -> None:
+    seen = []
+
+    def report(epoch: int, metrics: dict[str, float]) -> bool:
+        seen.append((epoch, metrics["val_accuracy"]))
+        return epoch == 2  # stop after the second of four epochs, like a pruner
+
+    train(compose_config([*QUIET, "trainer.epochs=4"]), report=report)
+    assert [e for e, _ in seen] == [1, 2]
+
+
+def test_fine_tune_from_a_checkpoint_keeps_the_backbone_and_renews_the_classifier(workdir: Path) -> None:
+    first = compose_config([*TINY, "tracking.log_model=false", "tracking.checkpoints=best"])
+    train(first)
+    checkpoint = checkpoint_dir(first) / "best.keras"
+    source = keras.saving.load_model(checkpoint)
+
+    from workbench import models
+
+    cfg = compose_config([*TINY, f"model.weights={checkpoint}"])
+    tuned = models.build(cfg.model, num_classes=4)
+    for a, b in zip(source.get_layer("backbone").get_weights(), tuned.get_layer("backbone").get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert tuned.get_layer("classifier").get_weights()[0].shape[-1] == 4  # a new, re-initialised head
+    train(compose_config([*QUIET, f"model.weights={checkpoint}", "optimizer.learning_rate=0.0001"]))
