@@ -1,0 +1,164 @@
+"""The study sweeper: `python run.py --multirun study=<name>` (why our own: see config.py).
+
+In the launching process it (1) checks the study, (2) creates the Optuna study and the MLflow store,
+(3) opens the MLflow parent run, (4) launches `study.workers` jobs once through the selected Hydra launcher,
+(5) shows progress while they run, and (6) reports at the end. The jobs are study workers
+(workbench/study/worker.py). Optuna, MLflow and the study modules load only when a sweep starts: Hydra
+imports this module whenever it scans its plugins.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+import uuid
+from pathlib import Path
+from tempfile import TemporaryDirectory
+from typing import TYPE_CHECKING
+
+from hydra.core.plugins import Plugins
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.plugins.sweeper import Sweeper
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig
+
+from workbench.app import fail
+from workbench.config import ConfigError, redact
+from workbench.study.spec import Spec
+
+if TYPE_CHECKING:
+    import optuna
+
+EXIT_STOPPED = 1  # the study stopped early: too many failed trials
+EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports it
+# Launchers log each job's overrides; a storage URL among them may hold a password.
+LAUNCHER_LOGGERS = (
+    "hydra._internal.core_plugins.basic_launcher",
+    "hydra_plugins.hydra_joblib_launcher._core",
+    "hydra_plugins.hydra_submitit_launcher.submitit_launcher",
+)
+
+
+class WorkbenchSweeper(Sweeper):
+    def __init__(self) -> None:
+        self.hydra_context: HydraContext | None = None
+        self.config: DictConfig | None = None
+        self.launcher = None
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        self.hydra_context, self.config = hydra_context, config
+        self.launcher = Plugins.instance().instantiate_launcher(
+            hydra_context=hydra_context, task_function=task_function, config=config
+        )
+
+    def sweep(self, arguments: list[str]) -> list[JobReturn]:
+        from workbench.study import tally
+
+        spec, study, run_id = self._start(arguments)
+        if spec.budget is not None and tally.count(study.get_trials(deepcopy=False)).counted >= spec.budget:
+            print(f"Study {spec.name} has run its {spec.budget} trials; raise study.n_trials to run more.")
+            self._close(study, spec, run_id, "FINISHED")
+            return []
+        launch_id = uuid.uuid4().hex[:8]  # this launch's failed trials count against study.max_failures
+        status, returns, stopped = "FAILED", [], False
+        try:
+            returns = self._launch_workers(arguments, spec, study, run_id, launch_id)
+            stopped = tally.failures(study.get_trials(deepcopy=False), launch_id) >= spec.max_failures
+            crashed = any(r.status == JobStatus.FAILED for r in returns)
+            status = "FAILED" if stopped or crashed else "FINISHED"
+        except KeyboardInterrupt:
+            status = "KILLED"
+        finally:
+            self._close(study, spec, run_id, status)  # 6. whatever happened
+        if status == "KILLED":
+            print("Interrupted: rerun the same command to run the rest of the study.", file=sys.stderr)
+            raise SystemExit(EXIT_INTERRUPTED)
+        for job in returns:
+            _ = job.return_value  # re-raises a worker's crash, as Hydra's own sweeper does
+        if stopped:
+            fail(_stopped_message(study, spec, launch_id), status=EXIT_STOPPED)
+        return returns
+
+    def _start(self, arguments: list[str]) -> tuple[Spec, optuna.Study, str]:
+        from workbench import tracking
+        from workbench.study import compose, parent, preflight, storage
+
+        if self.config.get("study") is None:
+            fail("hydra/sweeper=workbench runs an Optuna study: add study=<name> (a file in studies/)")
+        study_file = self.config.hydra.runtime.choices.get("study")
+        try:
+            # 1. Refuse what is wrong before any database, run or trial exists.
+            spec = Spec.from_config(self.config.study, default_name=study_file)
+            base_cfg = preflight.preflight(spec, compose.user_overrides(arguments))
+            # 2. The study and the MLflow store, created here once, before any worker starts.
+            tracking.check_server(base_cfg.tracking)
+            tracking.configure(base_cfg.tracking)
+            study = storage.create_study(spec)
+        except ConfigError as exc:
+            fail(str(exc))
+        # 3. The parent run, re-opened when the study was launched before.
+        run_id = parent.open_run(study, spec, base_cfg.tracking.experiment, study_file)
+        storage.fail_stale_trials(study)  # so that the budget below does not count a dead worker's trial
+        return spec, study, run_id
+
+    def _launch_workers(
+        self, arguments: list[str], spec: Spec, study: optuna.Study, run_id: str, launch_id: str
+    ) -> list[JobReturn]:
+        from workbench.study import compose, interrupt, tally
+        from workbench.study.progress import Progress
+
+        launcher = self.config.hydra.launcher._target_.rsplit(".", 1)[-1]
+        counts = tally.count(study.get_trials(deepcopy=False))
+        left = f"{spec.budget - counts.counted} of {spec.budget} trials left" if spec.budget else "no trial limit"
+        print(f"Study {spec.name}: {left}, {spec.workers} worker(s) through {launcher}; "
+              f"storage {redact(spec.storage)}; MLflow parent run {run_id}")
+        if spec.workers > 1 and launcher == "BasicLauncher":
+            print("  The basic launcher runs workers one after another; hydra/launcher=joblib runs them at once.")
+        # 4. Workers, not batches: each job asks the study for trials until the budget is spent.
+        worker = compose.merge(arguments, [
+            compose.assign("study.name", spec.name),
+            compose.assign("study.parent_run_id", run_id),
+            compose.assign("study.launch_id", launch_id),
+            compose.assign("study.deadline", time.time() + spec.timeout if spec.timeout else None),
+        ])
+        _redact_launcher_logs()
+        # 5. A progress line and the parent run's metrics while the workers run.
+        with interrupt.stop_on_signals(), Progress(study, spec, run_id):
+            returns = self.launcher.launch([worker] * spec.workers, initial_job_idx=0)
+        interrupt.check()  # a stop whose KeyboardInterrupt Python swallowed
+        return list(returns)
+
+    def _close(self, study: optuna.Study, spec: Spec, run_id: str, status: str) -> None:
+        """Best config, retrain command and plots to the parent run, which ends; the summary."""
+        from workbench import tracking
+        from workbench.study import parent, report
+
+        with TemporaryDirectory() as tmp:
+            report.write_best(study, spec, Path(tmp))
+            report.write_plots(study, spec, Path(tmp) / "plots")
+            parent.log_progress(run_id, spec, study.get_trials(deepcopy=False))
+            parent.finish(run_id, status, Path(tmp))
+        print(report.summary(study, spec, tracking.ui_hint(run_id)))
+
+
+def _stopped_message(study: optuna.Study, spec: Spec, launch_id: str) -> str:
+    ended = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("launch_id") == launch_id]
+    last = max(ended, key=lambda t: t.datetime_complete or t.datetime_start)
+    return (
+        f"study {spec.name} stopped: {spec.max_failures} trials failed (study.max_failures); "
+        f"the last, trial {last.number}: {last.user_attrs.get('error', 'no error recorded')}"
+    )
+
+
+class _Redacted(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = redact(record.getMessage()), None
+        return True
+
+
+def _redact_launcher_logs() -> None:
+    for name in LAUNCHER_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _Redacted) for f in logger.filters):
+            logger.addFilter(_Redacted())

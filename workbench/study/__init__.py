@@ -1,0 +1,6 @@
+"""Optuna studies over the shared trainer (docs/studies.md).
+
+spec (the study block) and space (the search space) -> preflight (what is refused before any trial) ->
+storage (Optuna storage, budget lock) -> worker (the trial loop) -> trial (one trial through the trainer);
+parent, progress and report (MLflow parent run, progress line, plots and best config) serve the sweeper.
+"""

@@ -1,0 +1,90 @@
+"""Optuna samplers and pruners from `study.sampler` and `study.pruner`.
+
+Every key besides `name` (and the sampler's `seed`) is passed to the Optuna class, so any option Optuna
+documents works: `sampler: {name: tpe, seed: 0, n_startup_trials: 5}`. The pruners' resource is epochs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+from typing import TYPE_CHECKING, Any
+
+from workbench.config import ConfigError
+
+if TYPE_CHECKING:
+    import optuna
+    from omegaconf import DictConfig
+
+    from workbench.study.spec import Spec
+
+SAMPLER_CLASSES = {
+    "tpe": "TPESampler",
+    "random": "RandomSampler",
+    "cmaes": "CmaEsSampler",
+    "gp": "GPSampler",
+    "qmc": "QMCSampler",
+    "nsga2": "NSGAIISampler",
+    "grid": "GridSampler",
+}
+PRUNER_CLASSES = {
+    "none": "NopPruner",
+    "median": "MedianPruner",
+    "percentile": "PercentilePruner",
+    "successive_halving": "SuccessiveHalvingPruner",
+    "hyperband": "HyperbandPruner",
+}
+# Samplers whose Optuna class needs a package Optuna does not install.
+NEEDS = {"cmaes": ("cmaes", "pip install cmaes"), "gp": ("torch", "pip install torch")}
+
+
+def make_sampler(spec: Spec, seed: int | None) -> optuna.samplers.BaseSampler:
+    """The study's sampler; `seed` (derived from study.sampler.seed by the worker) makes it reproducible."""
+    import optuna
+
+    options = dict(spec.sampler)
+    name = options.pop("name")
+    options.pop("seed", None)
+    module, hint = NEEDS.get(name, (None, None))
+    if module and importlib.util.find_spec(module) is None:
+        raise ConfigError(f"study.sampler.name={name}: needs the {module} package ({hint})")
+    if name == "grid":
+        options["search_space"] = {p.key: p.grid() for p in spec.params}
+    if name == "tpe" and spec.workers > 1:
+        # Parallel workers would otherwise be handed the same point while the first is still training.
+        options.setdefault("constant_liar", True)
+    return _construct(getattr(optuna.samplers, SAMPLER_CLASSES[name]), "study.sampler", name, options, seed=seed)
+
+
+def make_pruner(spec: Spec, cfg: DictConfig) -> optuna.pruners.BasePruner:
+    """The study's pruner for trials of `cfg` (before their parameters). Hyperband and successive halving
+    count epochs: from 1 to trainer.epochs, or to the most epochs the search space allows."""
+    import optuna
+
+    options = dict(spec.pruner)
+    name = options.pop("name")
+    if name == "none":  # `study.pruner.name=none` turns pruning off, whatever options the file gave
+        options = {}
+    if name in ("hyperband", "successive_halving"):
+        options.setdefault("min_resource", 1)  # 'auto' would wait for a finished trial to guess it
+    if name == "hyperband":
+        options.setdefault("max_resource", _max_epochs(spec, cfg))
+    return _construct(getattr(optuna.pruners, PRUNER_CLASSES[name]), "study.pruner", name, options)
+
+
+def _max_epochs(spec: Spec, cfg: DictConfig) -> int:
+    """The epochs of the longest trial."""
+    searched = {p.key: p for p in spec.params}.get("trainer.epochs")
+    return cfg.trainer.epochs if searched is None else max(searched.bounds())
+
+
+def _construct(cls: type, where: str, name: str, options: dict[str, Any], **fixed: Any) -> Any:
+    accepted = [p for p in inspect.signature(cls).parameters if p not in fixed]
+    for option in options:
+        if option not in accepted:
+            takes = ", ".join(p for p in accepted if p != "search_space") or "no options"
+            raise ConfigError(f"{where}.{option}: {name} takes {takes}; drop it with ~{where}.{option}")
+    try:
+        return cls(**options, **fixed)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {name} refused {options}: {exc}") from exc

@@ -1,0 +1,184 @@
+"""One trial: its config composed through Hydra, trained by the shared trainer, reported every epoch.
+
+The MLflow child run gets the tags `study`, `trial_number`, `state` (RUNNING, then COMPLETE, PRUNED or
+FAIL) and `pruned_epoch`; the Optuna trial gets the user attributes `mlflow_run_id` and `overrides`
+(what `workbench study best` prints), and `error` when it failed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import mlflow
+import optuna
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+from workbench.config import redact
+from workbench.study import compose
+
+if TYPE_CHECKING:
+    from workbench.study.lock import Lock
+    from workbench.study.spec import Spec
+
+log = logging.getLogger(__name__)
+
+
+def checkpoint_dir(study_name: str, number: int) -> Path:
+    """A trial's local epoch checkpoint, found again by number when the trial is retried."""
+    return Path("checkpoints") / study_name / f"trial-{number}"
+
+
+class Objective:
+    """What `study.optimize` calls for each trial of a worker."""
+
+    def __init__(self, spec: Spec, user: list[str], parent_run_id: str, launch_id: str, lock: Lock):
+        self.spec, self.user, self.parent_run_id, self.launch_id, self.lock = spec, user, parent_run_id, launch_id, lock
+        self.running: int | None = None  # the number of the trial in progress
+
+    def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
+        # The trial now exists as RUNNING, so the budget counts it: other workers may ask for theirs.
+        # Holding the lock from the budget check to here keeps the trial count exact with parallel
+        # workers (Optuna's MaxTrialsCallback only checks after a trial ends, so workers overshoot).
+        self.lock.release()
+        trial.set_user_attr("launch_id", self.launch_id)
+        trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
+        self.running = trial.number
+        directory = checkpoint_dir(self.spec.name, trial.number)
+        try:
+            result = self._run(trial, directory)
+        except optuna.TrialPruned:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+        except BaseException as exc:
+            trial.set_user_attr("error", redact(f"{type(exc).__name__}: {exc}")[:1000])
+            if not isinstance(exc, KeyboardInterrupt):  # a stopped trial goes back to the study: keep it
+                shutil.rmtree(directory, ignore_errors=True)
+            raise
+        # Only the retry of a trial whose worker died or was stopped needs the checkpoint.
+        shutil.rmtree(directory, ignore_errors=True)
+        return result
+
+    def _run(self, trial: optuna.Trial, directory: Path) -> float | tuple[float, ...]:
+        params = {param.key: param.suggest(trial) for param in self.spec.params}
+        overrides = compose.trial_overrides(self.spec.base_overrides, self.user, params)
+        trial.set_user_attr("overrides", [redact(o) for o in overrides])  # what `workbench study best` prints
+        attempts = _dead_attempts(trial)
+        cfg = compose.compose([
+            *overrides,
+            compose.assign("trainer.checkpoint_dir", str(directory)),
+            compose.assign("trainer.resume", bool(attempts)),  # from scratch when no checkpoint is found
+            compose.assign("tracking.run_name", f"{self.spec.name}-trial-{trial.number}"),
+        ])
+        tags = {
+            "study": self.spec.name,
+            "trial_number": str(trial.number),
+            "state": "RUNNING",
+            "overrides": " ".join(redact(o) for o in overrides),  # the retrain overrides, not the worker's
+        }
+        if attempts:
+            tags["retry_of"] = str(attempts[0])
+            _end_dead_run(trial)
+            _take_over_checkpoint(trial.number, attempts, self.spec.name, directory, cfg.trainer.epochs)
+        return self._train(trial, cfg, tags)
+
+    def _train(self, trial: optuna.Trial, cfg: DictConfig, tags: dict[str, str]) -> float | tuple[float, ...]:
+        from workbench.train import train
+
+        reporter = Reporter(trial, None if self.spec.multi_objective else self.spec.metrics[0], cfg.trainer.epochs)
+        before = _last_run_id()
+        try:
+            metrics = train(cfg, report=reporter, parent_run_id=self.parent_run_id, tags=tags)
+        except BaseException:
+            _finish(trial, before, "FAIL")
+            raise
+        if reporter.pruned_epoch is not None:
+            _finish(trial, before, "PRUNED", pruned_epoch=str(reporter.pruned_epoch))
+            raise optuna.TrialPruned(f"pruned after epoch {reporter.pruned_epoch}")
+        _finish(trial, before, "COMPLETE")
+        values = tuple(float(metrics[m]) for m in self.spec.metrics)
+        return values if self.spec.multi_objective else values[0]
+
+
+class Reporter:
+    """The trainer's per-epoch hook: reports the metric to the trial and stops it when the pruner says so."""
+
+    def __init__(self, trial: optuna.Trial, metric: str | None, epochs: int):
+        self.trial, self.metric, self.epochs = trial, metric, epochs
+        self.pruned_epoch: int | None = None
+        self._recorded = False
+
+    def __call__(self, epoch: int, metrics: dict[str, float]) -> bool:
+        if not self._recorded:  # early, so a retry of this trial finds the run if the worker dies
+            self.trial.set_user_attr("mlflow_run_id", mlflow.active_run().info.run_id)
+            self._recorded = True
+        if self.metric is None or self.metric not in metrics:
+            return False
+        self.trial.report(metrics[self.metric], epoch)
+        # After the last epoch there is nothing left to save: the trial completes, its value counts.
+        if epoch < self.epochs and self.trial.should_prune():
+            self.pruned_epoch = epoch
+            return True
+        return False
+
+
+def _dead_attempts(trial: optuna.Trial) -> list[int]:
+    """The numbers of the earlier attempts at this trial whose workers died, oldest first."""
+    frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return RetryHeartbeatStaleTrialCallback.retry_history(frozen)
+
+
+def _end_dead_run(trial: optuna.Trial) -> None:
+    """The dead worker never ended its MLflow run, whose id the retry inherited: mark it KILLED."""
+    run_id = trial.user_attrs.get("mlflow_run_id")
+    if run_id:
+        client = MlflowClient()
+        client.set_tag(run_id, "state", "FAIL")
+        client.set_tag(run_id, "workbench.stopped", f"worker died; retried as trial {trial.number}")
+        client.set_terminated(run_id, "KILLED")
+
+
+def _take_over_checkpoint(number: int, attempts: list[int], study_name: str, directory: Path, epochs: int) -> None:
+    """Move the latest dead attempt's epoch checkpoint here, for the trainer to go on from."""
+    from workbench.checkpoints import CheckpointDir
+
+    for attempt in reversed(attempts):
+        source = CheckpointDir(checkpoint_dir(study_name, attempt))
+        if not source.exists():
+            continue
+        state = source.read_state()
+        if state.epoch >= epochs:
+            # Nothing left to train, so a new run would have no metrics to report: train again.
+            log.info("Trial %d trains again: trial %d had finished its epochs", number, attempt)
+        else:
+            shutil.copytree(source.path, directory, dirs_exist_ok=True)
+            state.run_id = None  # a new child run for this trial; training goes on from state.epoch
+            CheckpointDir(directory).write_state(state)
+            log.info("Trial %d continues trial %d after epoch %d", number, attempt, state.epoch)
+        shutil.rmtree(source.path)
+        return
+
+
+def _last_run_id() -> str | None:
+    run = mlflow.last_active_run()
+    return run.info.run_id if run else None
+
+
+def _finish(trial: optuna.Trial, before: str | None, state: str, **tags: Any) -> None:
+    """Tag the trial's run with its final state, if train got as far as starting one."""
+    run_id = _last_run_id()
+    if run_id is None or run_id == before:
+        return
+    trial.set_user_attr("mlflow_run_id", run_id)
+    client = MlflowClient()
+    for key, value in {"state": state, **tags}.items():
+        client.set_tag(run_id, key, value)
