@@ -1,0 +1,236 @@
+"""The cluster path on real services: PostgreSQL study storage, an `mlflow server` with a PostgreSQL backend,
+and study workers as jobs of Hydra's submitit launcher (its local executor stands in for SLURM).
+
+In CI these never skip: PostgreSQL must be reachable (conftest fails the test otherwise).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from conftest import ROOT, TINY, TrackingServer, cli_env, serve_mlflow
+
+STUDY = "lr_batch_decay_dropout"
+SMALL = [
+    "trainer.steps_per_epoch=3", "trainer.batch_size=16", "model.input_size=16", "trainer.validation_steps=2",
+    "tracking.log_model=false", "tracking.checkpoints=none", "trainer.deterministic=true",
+]
+SECRET = "pg-s3cret-pass"
+
+
+def _with_password(url: str) -> str:
+    # Trust authentication ignores the password, which lets the test check that it never leaks.
+    return url.replace("postgres@", f"postgres:{SECRET}@", 1)
+
+
+def _study_args(postgres_url: str, server: str, *extra: str) -> list[str]:
+    return [
+        "--multirun", f"study={STUDY}", "hydra/launcher=local_gpu", "study.workers=4",
+        f"study.storage={_with_password(postgres_url)}", f"tracking.uri={server}",
+        "study.pruner.name=none", "study.heartbeat_interval=1", "study.grace_period=4", *SMALL, *extra,
+    ]
+
+
+def _start(args: list[str], cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, env=cli_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+@functools.cache
+def _storage(postgres_url: str) -> optuna.storages.RDBStorage:
+    # One engine per database, as a worker keeps: a storage per poll holds a connection each until
+    # PostgreSQL refuses more clients. The launching process creates the schema, never the test.
+    url = postgres_url.replace("postgresql://", "postgresql+psycopg://", 1)
+    return optuna.storages.RDBStorage(url, skip_table_creation=True)
+
+
+def _study(postgres_url: str) -> optuna.Study:
+    return optuna.load_study(study_name=STUDY, storage=_storage(postgres_url))
+
+
+def _check_study(study: optuna.Study, server: str, n_trials: int) -> list[optuna.trial.FrozenTrial]:
+    trials = study.get_trials(deepcopy=False)
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(done) == n_trials
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    assert len({t.number for t in trials}) == len(trials)
+    client = MlflowClient(server)
+    parent_id = study.user_attrs["mlflow_parent_run_id"]
+    for trial in done:
+        run = client.get_run(trial.user_attrs["mlflow_run_id"])
+        assert run.data.tags["mlflow.parentRunId"] == parent_id
+        assert run.info.status == "FINISHED"
+    return trials
+
+
+def _no_secret(cwd: Path, server_artifacts: Path, output: str, client: MlflowClient) -> None:
+    assert SECRET not in output
+    for path in [*cwd.rglob("*.log"), *server_artifacts.rglob("*")]:
+        if path.is_file() and path.suffix in (".log", ".yaml", ".txt", ".json", ".html"):
+            assert SECRET not in path.read_text(errors="ignore"), path
+    for experiment in client.search_experiments():
+        for run in client.search_runs([experiment.experiment_id]):
+            assert SECRET not in str(run.data.params) + str(run.data.tags)
+
+
+def test_four_workers_on_postgresql_and_a_tracking_server(
+    workdir: Path, postgres_url: str, mlflow_server: TrackingServer
+) -> None:
+    result = _start(_study_args(postgres_url, mlflow_server.url, "study.n_trials=6", "trainer.epochs=2"), workdir)
+    output, _ = result.communicate(timeout=900)
+    assert result.returncode == 0, output[-4000:]
+    _check_study(_study(postgres_url), mlflow_server.url, n_trials=6)
+    _no_secret(workdir, mlflow_server.artifacts, output, MlflowClient(mlflow_server.url))
+
+
+def _workers(cwd: Path) -> list[int]:
+    """PIDs of the submitit jobs (the study workers) started from `cwd`."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+            if b"submitit.core._submit" in cmd and Path(os.readlink(proc / "cwd")) == cwd:
+                pids.append(int(proc.name))
+        except (OSError, ValueError):
+            continue
+    return pids
+
+
+def _wait_for_a_trial_after_epoch(study_url: str, epoch: int, timeout: float = 600) -> optuna.trial.FrozenTrial:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            for trial in _study(study_url).get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                if len(trial.intermediate_values) >= epoch and "worker" in trial.user_attrs:
+                    return trial
+        except (KeyError, optuna.exceptions.StorageInternalError):  # no schema or study yet
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"no trial reached epoch {epoch}")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill -9", "SIGTERM"])
+def test_a_lost_worker_s_trial_resumes_elsewhere_from_its_checkpoint(
+    workdir: Path, postgres_url: str, mlflow_server: TrackingServer, sig: signal.Signals
+) -> None:
+    study_proc = _start(_study_args(postgres_url, mlflow_server.url, "study.n_trials=5", "trainer.epochs=6",
+                                    "study.pruner.name=none"), workdir)
+    victim = _wait_for_a_trial_after_epoch(postgres_url, epoch=2)
+    os.kill(victim.user_attrs["worker"]["pid"], sig)
+    output, _ = study_proc.communicate(timeout=900)
+    if sig == signal.SIGTERM:
+        assert study_proc.returncode == 0, output[-4000:]  # a stopped worker is no failure of the sweep
+    else:
+        # submitit reports the killed job as failed and the sweep exits with an error, while the other
+        # workers (separate processes) finish the study: wait for them.
+        _wait_until_done(postgres_url, 5)
+
+    trials = _check_study(_study(postgres_url), mlflow_server.url, n_trials=5)
+    (retry,) = [t for t in trials if t.system_attrs.get("failed_trial") == victim.number]
+    client = MlflowClient(mlflow_server.url)
+    lost_run = client.get_run(victim.user_attrs["mlflow_run_id"])
+    assert lost_run.info.status == "KILLED"
+    # The retry went on from the lost trial's last epoch checkpoint: it retrained fewer epochs than 6.
+    retried_epochs = [m.step for m in client.get_metric_history(retry.user_attrs["mlflow_run_id"], "loss")]
+    assert min(retried_epochs) > 2 and max(retried_epochs) == 6, retried_epochs
+
+
+def _wait_until_done(study_url: str, n_trials: int, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        trials = _study(study_url).get_trials(deepcopy=False)
+        if sum(t.state == TrialState.COMPLETE for t in trials) >= n_trials and not any(
+            t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials
+        ):
+            return
+        time.sleep(1)
+    raise AssertionError("the remaining workers did not finish the study")
+
+
+RACE = """
+import sys, time
+from omegaconf import OmegaConf
+from workbench import tracking
+time.sleep(max(0.0, float(sys.argv[2]) - time.time()))  # all start together: the race is the point
+cfg = OmegaConf.create({"uri": sys.argv[1], "experiment": "fresh", "run_name": None})
+with tracking.run(cfg, tracking.configure(cfg)):
+    pass
+"""
+
+
+def test_parallel_jobs_that_create_the_experiment_all_log_into_it(mlflow_server: TrackingServer) -> None:
+    # MLflow leaves the loser of a creation race on the Default experiment: its run would go missing.
+    start = time.time() + 8
+    jobs = [subprocess.Popen([sys.executable, "-c", RACE, mlflow_server.url, str(start)], env=cli_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(6)]
+    for job in jobs:
+        output, _ = job.communicate(timeout=120)
+        assert job.returncode == 0, output
+    client = MlflowClient(mlflow_server.url)
+    runs = client.search_runs([client.get_experiment_by_name("fresh").experiment_id])
+    assert len(runs) == 6 and all(r.info.status == "FINISHED" for r in runs)
+
+
+def test_a_grid_multirun_through_the_same_launcher(workdir: Path, mlflow_server: TrackingServer) -> None:
+    result = _start(["--multirun", "hydra/launcher=local_gpu", "hydra.launcher.gpus_per_node=2",
+                     "optimizer=adam,momentum", "model.dropout=0.0,0.3", f"tracking.uri={mlflow_server.url}",
+                     "tracking.experiment=grid", "trainer.epochs=1", *SMALL], workdir)
+    output, _ = result.communicate(timeout=900)
+    assert result.returncode == 0, output[-4000:]
+    client = MlflowClient(mlflow_server.url)
+    runs = client.search_runs([client.get_experiment_by_name("grid").experiment_id])
+    assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
+    assert {(r.data.params["optimizer.name"], r.data.params["model.dropout"]) for r in runs} == {
+        ("adam", "0.0"), ("adam", "0.3"), ("momentum", "0.0"), ("momentum", "0.3")}
+    # Two GPUs on the machine, one per job, by job number.
+    assert sorted(r.data.tags["cuda_visible_devices"] for r in runs) == ["0", "0", "1", "1"]
+
+
+MLFLOW_PASSWORD = "mlflow-s3cret-pass"
+
+
+def test_credentials_for_an_auth_enabled_server_come_from_the_environment(
+    workdir: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path_factory.mktemp("auth-server")
+    (folder / "auth.ini").write_text(
+        f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{folder / 'auth.db'}\n"
+        "admin_username = admin\nauthorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
+    auth = {"MLFLOW_AUTH_CONFIG_PATH": str(folder / "auth.ini"), "MLFLOW_AUTH_ADMIN_PASSWORD": MLFLOW_PASSWORD,
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": "csrf-key-for-the-test"}
+    with serve_mlflow(folder, "--app-name", "basic-auth", env=auth) as server:
+        args = [sys.executable, str(ROOT / "run.py"), f"tracking.uri={server.url}", *TINY, "trainer.epochs=1",
+                "tracking.log_model=false"]
+        refused = subprocess.run(args, cwd=workdir, env=cli_env(), capture_output=True, text=True, timeout=300)
+        lines = [line for line in refused.stderr.splitlines() if line.strip()]
+        assert refused.returncode == 2 and len(lines) == 1, refused.stderr[-3000:]
+        assert lines[0].startswith(f"error: tracking.uri={server.url}: the server refused access"), lines
+        assert "MLFLOW_TRACKING_USERNAME" in lines[0]
+
+        credentials = {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": MLFLOW_PASSWORD}
+        result = subprocess.run(args, cwd=workdir, env={**cli_env(), **credentials}, capture_output=True,
+                                text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        for name, value in credentials.items():
+            monkeypatch.setenv(name, value)
+        client = MlflowClient(server.url)
+        (run,) = client.search_runs([client.get_experiment_by_name("workbench").experiment_id])
+        assert run.info.status == "FINISHED"
+        assert MLFLOW_PASSWORD not in result.stdout + result.stderr + str(run.data.params) + str(run.data.tags)
+        for path in [*workdir.rglob("*"), *server.artifacts.rglob("*")]:
+            if path.is_file():
+                assert MLFLOW_PASSWORD.encode() not in path.read_bytes(), path
