@@ -163,7 +163,15 @@ def log_dataset(name: str, uri: str, digest: str, context: str = "training") -> 
             source = resolve_dataset_source(uri)
     else:
         source = CodeDatasetSource({"loader": uri})
-    mlflow.log_input(MetaDataset(source=source, name=name, digest=digest), context=context)
+    dataset = MetaDataset(source=source, name=name, digest=digest)
+    try:
+        mlflow.log_input(dataset, context=context)
+    except MlflowException as exc:
+        # The store checks for the dataset, then inserts it: parallel runs of one experiment can both
+        # insert, and the loser hits the unique key (mlflow 3.17). Again, it finds the winner's row.
+        if "unique constraint" not in str(exc).lower():
+            raise
+        mlflow.log_input(dataset, context=context)
 
 
 def log_epoch(metrics: dict[str, float], epoch: int) -> None:
