@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import optuna
+import psycopg
 import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
@@ -54,7 +55,15 @@ def _start(args: list[str], cwd: Path) -> subprocess.Popen:
 @functools.cache
 def _storage(postgres_url: str) -> optuna.storages.RDBStorage:
     # One engine per database, as a worker keeps: a storage per poll holds a connection each until
-    # PostgreSQL refuses more clients. The launching process creates the schema, never the test.
+    # PostgreSQL refuses more clients. Opening one stamps the schema version where there is none yet,
+    # which would race the launching process creating the schema: wait until its study exists.
+    with psycopg.connect(postgres_url) as connection:
+        try:
+            found = connection.execute("SELECT 1 FROM studies WHERE study_name = %s", (STUDY,)).fetchone()
+        except psycopg.errors.UndefinedTable:
+            found = None
+    if found is None:
+        raise KeyError(f"no study {STUDY} yet")
     url = postgres_url.replace("postgresql://", "postgresql+psycopg://", 1)
     return optuna.storages.RDBStorage(url, skip_table_creation=True)
 
@@ -124,7 +133,7 @@ def _wait_for_a_trial_after_epoch(
                 original = "failed_trial" not in trial.system_attrs
                 if original and len(trial.intermediate_values) >= epoch and "worker" in trial.user_attrs:
                     return trial
-        except (KeyError, optuna.exceptions.StorageInternalError):  # no schema or study yet
+        except KeyError:  # no study yet
             pass
         time.sleep(0.2)
     raise AssertionError(f"no trial reached epoch {epoch}")
