@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -43,6 +45,20 @@ def load(cwd: Path, name: str = STUDY) -> optuna.Study:
     return optuna.load_study(study_name=name, storage=f"sqlite:///{cwd / 'optuna.db'}")
 
 
+def trials_so_far(cwd: Path) -> list[optuna.trial.FrozenTrial]:
+    """The trials of a study in progress; none before the launching process has created it. Opening the
+    storage before then would create the schema too, racing the launcher (one CREATE TABLE fails)."""
+    database = cwd / "optuna.db"
+    if not database.is_file():
+        return []
+    try:
+        with contextlib.closing(sqlite3.connect(database)) as connection:
+            found = connection.execute("SELECT 1 FROM studies WHERE study_name = ?", (STUDY,)).fetchone()
+        return load(cwd).get_trials(deepcopy=False) if found else []
+    except (sqlite3.OperationalError, optuna.exceptions.StorageInternalError):  # no table yet, or locked
+        return []
+
+
 def states(study: optuna.Study) -> list[TrialState]:
     return [t.state for t in study.get_trials(deepcopy=False)]
 
@@ -69,7 +85,7 @@ def hyperband(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subproces
         process = subprocess.Popen(command, cwd=cwd, env=cli_env(), stdout=out, stderr=err)
         memory = {}
         while process.poll() is None:
-            finished = sum(state in FINISHED for state in _states_now(cwd))
+            finished = sum(t.state in FINISHED for t in trials_so_far(cwd))
             memory.setdefault(finished, _rss_mb(process.pid))
             time.sleep(0.5)
     result = subprocess.CompletedProcess(command, process.returncode, *(
@@ -77,13 +93,6 @@ def hyperband(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subproces
     ))
     assert result.returncode == 0, result.stderr[-3000:]
     return cwd, result, memory
-
-
-def _states_now(cwd: Path) -> list[TrialState]:
-    try:
-        return states(load(cwd))
-    except Exception:  # the launching process has not created the study yet
-        return []
 
 
 def _rss_mb(pid: int) -> float:
@@ -233,10 +242,7 @@ def test_interrupted_study_reruns_only_the_remainder(workdir: Path) -> None:
 
 
 def _training_third_trial(cwd: Path) -> bool:
-    try:
-        trials = load(cwd).get_trials(deepcopy=False)
-    except Exception:  # the launching process has not created the study yet
-        return False
+    trials = trials_so_far(cwd)
     return len(trials) == 3 and trials[2].state == TrialState.RUNNING and bool(trials[2].intermediate_values)
 
 
