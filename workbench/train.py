@@ -113,7 +113,9 @@ def _fit(cfg, model, pipelines, ckpt, state, report) -> None:
     uploads = cfg.tracking.checkpoints
     callbacks = [
         EpochMetrics(cfg.trainer.batch_size, pipelines.steps_per_epoch),
-        # Checkpoint before logging: metrics in MLflow always have a checkpoint to resume from.
+        # Report to the study before the checkpoint, so a retry that resumes from it never leaves an
+        # epoch unreported; checkpoint before logging, so MLflow's epochs always have one to resume from.
+        *([Report(report)] if report is not None else []),
         Checkpointer(
             ckpt, state, cfg.tracking.monitor,
             keep_best=uploads in ("best", "best_and_last"), keep_every=uploads == "every_epoch",
@@ -123,8 +125,6 @@ def _fit(cfg, model, pipelines, ckpt, state, report) -> None:
     if cfg.optimizer.ema is not None:
         # Validation sees the averaged weights; checkpoints keep the raw ones (plus the average) for resume.
         callbacks.insert(0, keras.callbacks.SwapEMAWeights(swap_on_epoch=False))
-    if report is not None:
-        callbacks.append(Report(report))
     with warnings.catch_warnings():
         # Validation over image files has no known length (unreadable files are skipped); Keras warns
         # when it finds the end, which is expected here. The training stream never ends.
