@@ -145,7 +145,8 @@ def test_a_lost_worker_s_trial_resumes_elsewhere_from_its_checkpoint(
 ) -> None:
     study_proc = _start(_study_args(postgres_url, mlflow_server.url, "study.n_trials=5", "trainer.epochs=6",
                                     "study.pruner.name=none"), workdir)
-    victim = _wait_for_a_trial_after_epoch(postgres_url, study_proc, epoch=2)
+    # A trial reports an epoch before it checkpoints it: once epoch 3 is reported, epoch 2 is saved.
+    victim = _wait_for_a_trial_after_epoch(postgres_url, study_proc, epoch=3)
     os.kill(victim.user_attrs["worker"]["pid"], sig)
     output, _ = study_proc.communicate(timeout=900)
     if sig == signal.SIGTERM:
