@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import compose_config, run_cli, tracking_uri
+from helpers import compose_config, run_cli, tracking_uri
 from PIL import Image
 
 from workbench.config import ConfigError, validate

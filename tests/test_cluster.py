@@ -20,7 +20,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from conftest import ROOT, TINY, TrackingServer, cli_env, serve_mlflow
+from helpers import ROOT, TINY, TrackingServer, cli_env, serve_mlflow
 
 STUDY = "lr_batch_decay_dropout"
 SMALL = [

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from conftest import compose_config
+from helpers import compose_config
 from workbench import augment, data, models, sources
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY, compose_config, run_cli, tracking_uri
+from helpers import TINY, compose_config, run_cli, tracking_uri
 from PIL import Image
 
 from workbench import sources

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import run_cli, tracking_uri
+from helpers import run_cli, tracking_uri
 
 # NASNetLarge at 64 px on 2 CPU cores: about 90 s of graph tracing before the first step.
 SHRINK = [

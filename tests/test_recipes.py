@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import CONF, compose_config, run_cli
+from helpers import CONF, compose_config, run_cli
 from omegaconf import DictConfig
 
 from workbench import models

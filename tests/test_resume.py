@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import ROOT, cli_env, run_cli, tracking_uri
+from helpers import ROOT, cli_env, run_cli, tracking_uri
 
 # Full digits epochs at 24 px: slow enough to interrupt between epochs, quick enough for CI.
 ARGS = ["trainer.epochs=4", "trainer.deterministic=true", "model.input_size=24", "tracking.log_model=false"]

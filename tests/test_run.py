@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import ROOT, TINY, cli_env, run_cli, tracking_uri
+from helpers import ROOT, TINY, cli_env, run_cli, tracking_uri
 
 EPOCH_METRICS = {
     "loss", "accuracy", "top5_accuracy", "val_loss", "val_accuracy", "val_top5_accuracy",

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, cli_env, run_cli
+from helpers import ROOT, cli_env, run_cli
 
 from workbench.study import compose, preflight
 from workbench.study.spec import Spec

@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import TINY, compose_config
+from helpers import TINY, compose_config
 from workbench.train import checkpoint_dir, train
 
 QUIET = [*TINY, "tracking.log_model=false", "tracking.checkpoints=none"]
