@@ -13,7 +13,8 @@ import hydra
 from omegaconf import DictConfig
 
 from workbench.app import fail
-from workbench.config import ConfigError, check_choices
+from workbench.config import ConfigError
+from workbench.precheck import check_command_line
 
 CONF = Path(__file__).resolve().parent / "conf"
 
@@ -26,8 +27,9 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    # Before Hydra: --help and refusals answer at once, and a refused command leaves no outputs/ folder.
     try:
-        check_choices(sys.argv[1:], [CONF])
+        check_command_line(sys.argv[1:], CONF)
     except ConfigError as exc:
         fail(str(exc))
     main()

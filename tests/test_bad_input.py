@@ -46,8 +46,10 @@ BAD_VALUES = [
 ]
 
 
-def refuse(args: list[str], cwd: Path) -> tuple[str, subprocess.CompletedProcess]:
-    """Run the CLI, check it refused the way a usage error should, and return the error line."""
+def refuse(args: list[str], cwd: Path, writes_nothing: bool = True) -> tuple[str, subprocess.CompletedProcess]:
+    """Run the CLI, check it refused the way a usage error should, and return the error line.
+    `writes_nothing`: not even Hydra's outputs/ or multirun/ folder appeared in `cwd`."""
+    before = sorted(p.name for p in cwd.iterdir())
     start = time.monotonic()
     result = run_cli(args, cwd=cwd, timeout=120)
     elapsed = time.monotonic() - start
@@ -57,6 +59,8 @@ def refuse(args: list[str], cwd: Path) -> tuple[str, subprocess.CompletedProcess
     assert lines[0].startswith("error: "), result.stderr
     assert elapsed < FAST_S, f"{elapsed:.1f} s to refuse {args}"
     assert_no_runs(cwd)
+    if writes_nothing:
+        assert sorted(p.name for p in cwd.iterdir()) == before, f"{args} left files behind"
     return lines[0], result
 
 
@@ -111,13 +115,28 @@ def test_boundary_values_are_accepted(args: list[str]) -> None:
     validate(compose_config(args))
 
 
-def test_bad_value_is_refused_before_tensorflow_is_imported(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    ("args", "status", "expected"),
+    [
+        (["optimizer.learning_rate=0"], 2, "error: optimizer.learning_rate=0"),
+        (["optimizer.learnin_rate=0.1"], 2, "error: optimizer.learnin_rate: no such key"),
+        (["--multirun", "trainer.epochs=1,0"], 2, "error: trainer.epochs=0"),
+        (["--help"], 0, "== Configuration groups =="),
+    ],
+    ids=["bad-value", "misspelt-key", "grid", "help"],
+)
+def test_bad_value_is_refused_before_tensorflow_is_imported(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch, args: list[str], status: int, expected: str
+) -> None:
     # Python's -X importtime, as an environment variable, lists every module the CLI imported on stderr.
+    # Neither refusals nor --help may load the heavy libraries: each costs seconds before a word is said.
     monkeypatch.setenv("PYTHONPROFILEIMPORTTIME", "1")
-    result = run_cli(["optimizer.learning_rate=0"], cwd=workdir, timeout=120)
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert "error: optimizer.learning_rate=0" in result.stderr
-    heavy = [line for line in result.stderr.splitlines() if re.search(r"\|\s+(tensorflow|keras)$", line)]
+    result = run_cli(args, cwd=workdir, timeout=120)
+    assert result.returncode == status, result.stderr[-2000:]
+    assert expected in result.stdout + result.stderr
+    heavy = [
+        line for line in result.stderr.splitlines() if re.search(r"\|\s+(tensorflow|keras|mlflow|optuna)$", line)
+    ]
     assert heavy == [], "the CLI imported " + ", ".join(line.rsplit("|", 1)[1].strip() for line in heavy)
 
 
@@ -130,9 +149,131 @@ def test_a_tracking_server_that_does_not_answer_is_refused_at_once(workdir: Path
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{s.getsockname()[1]}"  # nothing listens there once the socket closes
-    line, _ = refuse([*args, f"tracking.uri={url}"], workdir)
+    # A single run is refused inside its Hydra job, which has made its outputs/ folder by then.
+    line, _ = refuse([*args, f"tracking.uri={url}"], workdir, writes_nothing=bool(args))
     assert line.startswith(f"error: tracking.uri={url}: no MLflow server answers there"), line
     assert not (workdir / "optuna.db").exists(), "a refused study creates no study"
+
+
+# --- keys the config does not have ---------------------------------------------------------------------
+
+UNKNOWN_KEYS = [
+    (["optimizer.learnin_rate=0.1"], "error: optimizer.learnin_rate: no such key; did you mean optimizer.learning_rate?"),
+    (["--multirun", "optimizer.learnin_rate=0.1,0.01"],
+     "error: optimizer.learnin_rate: no such key; did you mean optimizer.learning_rate?"),
+    (["optimzer.learning_rate=0.1"], "error: optimzer.learning_rate: no such key; did you mean optimizer.learning_rate?"),
+    (["~optimizer.clipnor"], "error: ~optimizer.clipnor: no such key; did you mean optimizer.clipnorm?"),
+    # `+` adds a key nothing reads: refused, naming the keys the section has.
+    (["+model.freeze_backbone=true"], "error: +model.freeze_backbone: no such key"),
+    (["++model.freeze_backbone=true"], "error: ++model.freeze_backbone: no such key"),
+    # adam has no momentum: the grid point that lacks the key is named.
+    (["--multirun", "optimizer=momentum,adam", "optimizer.momentum=0.5"], "(in the job with optimizer=adam)"),
+]
+
+
+@pytest.mark.parametrize(("args", "expected"), UNKNOWN_KEYS, ids=[" ".join(a) for a, _ in UNKNOWN_KEYS])
+def test_unknown_key_is_refused_with_the_nearest_keys(workdir: Path, args: list[str], expected: str) -> None:
+    line, _ = refuse(args, workdir)
+    assert expected in line, line
+
+
+def test_an_added_key_is_refused_with_the_keys_of_its_section(workdir: Path) -> None:
+    line, _ = refuse(["+model.freeze_backbone=true"], workdir)
+    assert line.endswith("model has: name, input_size, dropout, weights, jit_compile"), line
+
+
+def test_adding_a_key_that_exists_says_how_to_set_it(workdir: Path) -> None:
+    line, _ = refuse(["+trainer.seed=1"], workdir)
+    assert line == "error: +trainer.seed=1: trainer.seed is set already; set it with trainer.seed=1", line
+
+
+def test_a_sweep_without_multirun_is_refused(workdir: Path) -> None:
+    line, _ = refuse(["trainer.epochs=1,2"], workdir)
+    assert line.startswith("error: trainer.epochs=1,2: a sweep runs with --multirun"), line
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--multirun", "trainer.epochs=1,0"], ["--multirun", "model=small_cnn,resnet50", "model.dropout=0.1,1.5"]],
+    ids=["value", "value-across-groups"],
+)
+def test_every_point_of_a_grid_is_checked_before_the_first_job(workdir: Path, args: list[str]) -> None:
+    line, _ = refuse(args, workdir)  # and no multirun/ folder, no store: checked before Hydra starts
+    assert re.match(r"error: (trainer\.epochs=0|model\.dropout=1\.5): must be", line), line
+
+
+def test_override_syntax_error_is_one_line(workdir: Path) -> None:
+    line, _ = refuse(["model=["], workdir)
+    assert line.startswith("error: model=[: not an override Hydra can read"), line
+
+
+# --- more bad input (issue 7, 2c) -----------------------------------------------------------------------
+
+
+def write_zip(path: Path, names: list[str]) -> Path:
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as archive:
+        for name in names:
+            archive.writestr(name, "{}")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "expected"),
+    [
+        ("model.keras", b"not a zip", "not a Keras archive"),
+        ("model.keras", None, "not a Keras archive"),  # a zip without config.json
+        ("weights.bin", b"\0" * 64, "neither a Keras archive"),
+        ("weights.h5", b"text", "neither a Keras archive"),
+    ],
+    ids=["text-named-keras", "zip-without-config", "other-file", "h5-not-hdf5"],
+)
+def test_weights_that_are_not_a_keras_archive_are_refused(
+    workdir: Path, tmp_path_factory: pytest.TempPathFactory, name: str, content: bytes | None, expected: str
+) -> None:
+    weights = tmp_path_factory.mktemp("weights") / name
+    if content is None:
+        write_zip(weights, ["notes.txt"])
+    else:
+        weights.write_bytes(content)
+    line, _ = refuse([f"model.weights={weights}"], workdir)
+    assert line.startswith(f"error: model.weights={weights}: {expected}"), line
+
+
+def test_a_keras_archive_is_accepted(tmp_path: Path) -> None:
+    weights = write_zip(tmp_path / "model.keras", ["config.json", "metadata.json", "model.weights.h5"])
+    validate(compose_config([f"model.weights={weights}"]))
+
+
+def test_a_tracking_uri_mlflow_cannot_use_is_refused(workdir: Path) -> None:
+    line, _ = refuse(["tracking.uri=ftp://x"], workdir)
+    assert line.startswith("error: tracking.uri=ftp://x: MLflow cannot track there; use null"), line
+
+
+@pytest.mark.parametrize(
+    "uri",
+    ["sqlite:///runs.db", "http://127.0.0.1:5000", "https://mlflow.example.com", "postgresql://u@h/db",
+     "postgresql+psycopg://u@h/db", "mysql://u@h/db", "mssql://u@h/db", "file:/tmp/mlruns", "./mlruns",
+     "/tmp/mlruns", "databricks", "databricks://profile"],
+)
+def test_tracking_uris_mlflow_supports_are_accepted(uri: str) -> None:
+    validate(compose_config([f"tracking.uri='{uri}'"]))
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--multirun", "trainer.epochs=1,2"],
+        ["--multirun", "study=lr_batch_decay_dropout"],
+        # Past run.py's check (Hydra's own --config-name): the earliest Hydra hook refuses it.
+        ["--config-name", "config", "--multirun", "trainer.epochs=1,2"],
+    ],
+    ids=["grid", "study", "hydra-hook"],
+)
+def test_joblib_with_no_jobs_is_refused_before_any_store(workdir: Path, args: list[str]) -> None:
+    line, _ = refuse([*args, "hydra/launcher=joblib", "hydra.launcher.n_jobs=0"], workdir)
+    assert line.startswith("error: hydra.launcher.n_jobs=0: must be the number of jobs"), line
 
 
 # --- image folders ----------------------------------------------------------------------------------------
@@ -180,6 +321,7 @@ def class_with_garbage_jpeg(root: Path) -> Path:
 def test_bad_image_folder(workdir: Path, make, allowed: str) -> None:
     root = workdir / "images"
     offending = make(root)
-    line, _ = refuse(["data=image_folder", f"data.path={root}"], workdir)
+    # The folder is scanned inside the Hydra job (once), which has made its outputs/ folder by then.
+    line, _ = refuse(["data=image_folder", f"data.path={root}"], workdir, writes_nothing=False)
     assert str(offending) in line, line
     assert allowed in line, line

@@ -7,40 +7,68 @@ exactly the augmentations an uninterrupted one would.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import tensorflow as tf
 from omegaconf import DictConfig
 
-ImageFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
+if TYPE_CHECKING:  # TensorFlow loads with the first map built, not with validation, which reads POLICIES
+    import tensorflow as tf
+
+    ImageFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
+    BatchFn = Callable[[tf.Tensor, tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor]]
 
 
 def resize(image: tf.Tensor, size: int) -> tf.Tensor:
     """Float32 [0, 255] image of size x size."""
+    import tensorflow as tf
+
     return tf.image.resize(tf.cast(image, tf.float32), (size, size))
 
 
 def train_transform(aug_cfg: DictConfig, size: int) -> ImageFn:
     """(image uint8 HxWx3, seed [2]) -> float32 [0, 255] size x size x 3."""
-    name = aug_cfg.name
-    if name == "none":
-        return lambda image, seed: resize(image, size)
-    if name in ("flip_crop", "mixup"):
-        pad = int(round(size * aug_cfg.pad_fraction))
+    return _policy(aug_cfg.name).image(aug_cfg, size)
 
-        def flip_crop(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-            seeds = tf.random.experimental.stateless_split(seed, 2)
-            image = tf.image.resize_with_crop_or_pad(resize(image, size), size + 2 * pad, size + 2 * pad)
-            image = tf.image.stateless_random_crop(image, (size, size, 3), seed=seeds[0])
-            return tf.image.stateless_random_flip_left_right(image, seed=seeds[1])
 
-        return flip_crop
-    if name == "inception":
-        return lambda image, seed: _inception(image, seed, size, aug_cfg)
-    raise ValueError(f"augmentation.name={name}")  # validate() refuses this earlier
+def batch_transform(aug_cfg: DictConfig) -> BatchFn | None:
+    """A map over whole batches (images, one-hot labels, seed), or None when the policy has none."""
+    batch = _policy(aug_cfg.name).batch
+    return batch(aug_cfg) if batch else None
+
+
+def _policy(name: str) -> Policy:
+    if name not in POLICIES:
+        raise ValueError(f"augmentation.name={name}")  # validate() refuses this earlier
+    return POLICIES[name]
+
+
+def _resize_only(aug_cfg: DictConfig, size: int) -> ImageFn:
+    return lambda image, seed: resize(image, size)
+
+
+def _flip_crop(aug_cfg: DictConfig, size: int) -> ImageFn:
+    import tensorflow as tf
+
+    pad = round(size * aug_cfg.pad_fraction)
+
+    def flip_crop(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+        seeds = tf.random.experimental.stateless_split(seed, 2)
+        image = tf.image.resize_with_crop_or_pad(resize(image, size), size + 2 * pad, size + 2 * pad)
+        image = tf.image.stateless_random_crop(image, (size, size, 3), seed=seeds[0])
+        return tf.image.stateless_random_flip_left_right(image, seed=seeds[1])
+
+    return flip_crop
+
+
+def _inception_distortions(aug_cfg: DictConfig, size: int) -> ImageFn:
+    return lambda image, seed: _inception(image, seed, size, aug_cfg)
 
 
 def _inception(image: tf.Tensor, seed: tf.Tensor, size: int, cfg: DictConfig) -> tf.Tensor:
     # The Inception trainer's distort_image: a distorted bounding-box crop, a flip, colour jitter.
+    import tensorflow as tf
+
     seeds = tf.random.experimental.stateless_split(seed, 6)
     begin, extent, _ = tf.image.stateless_sample_distorted_bounding_box(
         tf.shape(image),
@@ -64,10 +92,9 @@ def _inception(image: tf.Tensor, seed: tf.Tensor, size: int, cfg: DictConfig) ->
     return image
 
 
-def batch_transform(aug_cfg: DictConfig) -> Callable[[tf.Tensor, tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor]] | None:
-    """A map over whole batches (images, one-hot labels, seed), or None when the policy has none."""
-    if aug_cfg.name != "mixup":
-        return None
+def _mixup(aug_cfg: DictConfig) -> BatchFn:
+    import tensorflow as tf
+
     alpha = float(aug_cfg.alpha)
 
     def mixup(images: tf.Tensor, labels: tf.Tensor, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -85,3 +112,21 @@ def batch_transform(aug_cfg: DictConfig) -> Callable[[tf.Tensor, tf.Tensor, tf.T
         return images, labels
 
     return mixup
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A map over single images (flip, crop...), and optionally one over whole batches (mixup)."""
+
+    image: Callable[[DictConfig, int], ImageFn]
+    batch: Callable[[DictConfig], BatchFn] | None = None
+
+
+# augmentation.name -> policy: a new policy is one entry here and one YAML file in conf/augmentation/;
+# validation (config.py) reads the names from here.
+POLICIES: dict[str, Policy] = {
+    "none": Policy(_resize_only),
+    "flip_crop": Policy(_flip_crop),
+    "inception": Policy(_inception_distortions),
+    "mixup": Policy(_flip_crop, _mixup),
+}

@@ -10,19 +10,25 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from workbench.augment import POLICIES as AUGMENTATIONS
 from workbench.models import ARCHITECTURES
+from workbench.optim import OPTIMIZERS, SCHEDULES
 
-OPTIMIZERS = ("momentum", "nesterov", "rmsprop", "adam", "adamw")
-SCHEDULES = ("constant", "exponential", "cosine", "piecewise")
-AUGMENTATIONS = ("none", "flip_crop", "inception", "mixup")
+if TYPE_CHECKING:
+    from hydra.core.override_parser.types import Override
+
+# Option names come from the builders' registries (models, optim, augment: none imports TensorFlow at
+# load). Data sources are still listed here: sources.py imports NumPy, which would cost a refusal ~0.3 s.
 DATASETS = ("digits", "image_folder", "synthetic")
 PRECISIONS = ("none", "bfloat16", "float16")
 STRATEGIES = ("none", "mirrored")
 CHECKPOINT_UPLOADS = ("none", "best", "last", "best_and_last", "every_epoch")
+# The URI schemes MLflow has a tracking store for (mlflow.tracking._tracking_service.utils), besides paths.
+TRACKING_SCHEMES = ("file", "http", "https", "sqlite", "postgresql", "mysql", "mssql", "databricks", "databricks-uc", "uc")
 # Groups whose options are files: an unknown option gets a one-line error before Hydra's long one.
 CHOICE_GROUPS = ("model", "optimizer", "schedule", "augmentation", "data", "recipe", "trainer", "tracking", "study")
 # Keys that steer a run but do not change what it computes: excluded from the config hash and params.
@@ -40,24 +46,46 @@ class ConfigError(ValueError):
     """A bad config value or data path; the message is one line that names the key or file."""
 
 
+def parse_overrides(overrides: Iterable[str]) -> list[Override]:
+    """Hydra's reading of command-line overrides; one that does not parse is a ConfigError naming it."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    parsed = []
+    for override in overrides:
+        try:
+            parsed.append(parser.parse_override(override))
+        except HydraException as exc:
+            reason = str(exc).strip().splitlines()[0]
+            raise ConfigError(f"{override}: not an override Hydra can read ({reason}); write key=value") from None
+    return parsed
+
+
+def sweep_values(override: Override) -> list[Any] | None:
+    """The values an override takes: one, or each of a sweep (`a,b`, choice(...), range(...)); None for
+    sweeps that only a launch can expand (glob(...) of a group, interval(...) of an Optuna-like sweeper)."""
+    from hydra.core.override_parser.types import ValueType
+
+    if not override.is_sweep_override():
+        return [override.value()]
+    if override.value_type == ValueType.GLOB_CHOICE_SWEEP or not override.is_discrete_sweep():
+        return None
+    return list(override.sweep_iterator())
+
+
 def check_choices(overrides: Iterable[str], config_dirs: Iterable[Path]) -> None:
     """Refuse `group=option` overrides naming an option that no config directory holds."""
     dirs = list(config_dirs)
-    for override in overrides:
-        key, sep, value = override.partition("=")
-        group = key.lstrip("+~")
-        if not sep or group not in CHOICE_GROUPS or value in ("", "null"):
+    for override in parse_overrides(overrides):
+        group = override.key_or_group
+        if group not in CHOICE_GROUPS or override.is_delete():
             continue
         options = sorted({p.stem for d in dirs for p in (d / group).glob("*.yaml")})
-        for option in _sweep_values(value):
-            if option not in options:
-                raise ConfigError(f"{group}={option}: no such {group}; choose one of: {', '.join(options)}")
-
-
-def _sweep_values(value: str) -> list[str]:
-    # `model=resnet50,inception_v3` sweeps; choice(...) and range(...) are Hydra's own sweep syntax.
-    inner = re.fullmatch(r"choice\((.*)\)", value)
-    return [v.strip() for v in (inner.group(1) if inner else value).split(",") if v.strip()]
+        for value in sweep_values(override) or []:
+            for option in value if isinstance(value, list) else [value]:  # `db=[a,b]` picks both
+                if option not in (None, "") and str(option) not in options:
+                    raise ConfigError(f"{group}={option}: no such {group}; choose one of: {', '.join(options)}")
 
 
 def validate(cfg: DictConfig) -> None:
@@ -119,6 +147,42 @@ def validate(cfg: DictConfig) -> None:
     _one_of("trainer.distribute", trainer.distribute, STRATEGIES)
     _positive("trainer.gpus_per_job", trainer.gpus_per_job, integer=True)
     _one_of("tracking.checkpoints", tracking.checkpoints, CHECKPOINT_UPLOADS)
+    _check_tracking_uri(tracking.uri)
+
+
+def _check_tracking_uri(uri: Any) -> None:
+    if not uri:
+        return  # MLflow's default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here
+    from urllib.parse import urlparse
+
+    # `postgresql+psycopg://` names a driver; a one-letter scheme is a Windows drive, that is a folder.
+    scheme = urlparse(str(uri)).scheme.lower().partition("+")[0]
+    if len(scheme) <= 1 or scheme in TRACKING_SCHEMES or scheme in _tracking_plugin_schemes():
+        return
+    raise ConfigError(
+        f"tracking.uri={redact(str(uri))}: MLflow cannot track there; use null (sqlite:///mlflow.db here), "
+        "http(s)://host:port (a tracking server), sqlite:///file.db, postgresql://, mysql://, mssql://, "
+        "file:/folder or a folder, or databricks"
+    )
+
+
+def _tracking_plugin_schemes() -> set[str]:
+    # Tracking-store plugins register further schemes through this entry point group (MLflow's docs).
+    from importlib.metadata import entry_points
+
+    return {e.name for e in entry_points(group="mlflow.tracking_store")}
+
+
+def validate_launcher(hydra_cfg: DictConfig) -> None:
+    """Refuse launcher settings that would fail only once a multirun's stores and runs exist."""
+    launcher = hydra_cfg.get("launcher") or {}
+    if str(launcher.get("_target_", "")).endswith(".JoblibLauncher"):
+        n_jobs = launcher.get("n_jobs")
+        if n_jobs is not None and (isinstance(n_jobs, bool) or not isinstance(n_jobs, int) or n_jobs == 0):
+            raise ConfigError(
+                f"hydra.launcher.n_jobs={n_jobs}: must be the number of jobs to run at once, "
+                "e.g. 2 (or -1: one per CPU core)"
+            )
 
 
 def _required(key: str) -> str:
@@ -133,6 +197,34 @@ def _check_weights(weights: Any) -> None:
     path = Path(str(weights)).expanduser()
     if not path.is_file():
         raise ConfigError(f"model.weights={weights}: no such file; use null, imagenet, or a checkpoint path")
+    # A .keras file is a zip archive holding the model's config.json and metadata.json (Keras 3's format);
+    # other files go to keras.applications as HDF5 weight files. Checked here, not after TensorFlow loads.
+    if path.suffix == ".keras":
+        if not _is_keras_archive(path):
+            raise ConfigError(
+                f"model.weights={weights}: not a Keras archive (a .keras zip with config.json and "
+                "metadata.json), damaged or another format; give a checkpoint saved by Keras 3"
+            )
+    elif path.suffix not in (".h5", ".hdf5") or not _is_hdf5(path):
+        raise ConfigError(
+            f"model.weights={weights}: neither a Keras archive (.keras) nor an HDF5 weights file (.h5); "
+            "use null, imagenet, or a .keras checkpoint"
+        )
+
+
+def _is_hdf5(path: Path) -> bool:
+    with path.open("rb") as f:
+        return f.read(8) == b"\x89HDF\r\n\x1a\n"
+
+
+def _is_keras_archive(path: Path) -> bool:
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return {"config.json", "metadata.json"} <= set(archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
 
 
 def _one_of(key: str, value: Any, allowed: Iterable[str]) -> None:
@@ -170,7 +262,7 @@ _SECRET_WORDS = r"(?:password|passwd|secret|token|api_key|apikey|credential)"
 _SECRET_KEY = re.compile(_SECRET_WORDS, re.IGNORECASE)
 _URL_PASSWORD = re.compile(r"(?P<keep>[a-zA-Z][a-zA-Z0-9+.\-]*://[^:/@\s]+:)[^@\s]+(?=@)")
 # `db_password=...`, `api_token: ...` inside overrides, joined override strings and YAML lines.
-_SECRET_VALUE = re.compile(rf"(?P<keep>[\w.+~-]*{_SECRET_WORDS}[\w.-]*[ \t]*[=:][ \t]*)(?!null\b)[^,\s]+", re.IGNORECASE)
+_SECRET_VALUE = re.compile(rf"(?P<keep>[\w.+~-]*{_SECRET_WORDS}[\w.-]*[ \t]*[=:][ \t]*)(?!null\b)[^,\s}}\]]+", re.IGNORECASE)
 REDACTED = "***"
 
 
@@ -197,8 +289,19 @@ def flatten(cfg: DictConfig | Mapping, prefix: str = "") -> dict[str, str]:
 
 
 def redacted_yaml(cfg: DictConfig | ListConfig, resolve: bool = True) -> str:
-    """The config as YAML with every secret hidden, for artifacts and logs."""
-    return redact(OmegaConf.to_yaml(cfg, resolve=resolve))
+    """The config as YAML with every secret hidden, for artifacts and logs. Values are redacted before
+    dumping: YAML folds long strings across lines, where a pattern over the text would miss them."""
+    return OmegaConf.to_yaml(OmegaConf.create(_redacted(OmegaConf.to_container(cfg, resolve=resolve))))
+
+
+def _redacted(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {
+            k: REDACTED if _SECRET_KEY.search(str(k)) and v is not None else _redacted(v) for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_redacted(v) for v in value]
+    return redact(value) if isinstance(value, str) else value
 
 
 def sqlalchemy_url(url: str) -> str:

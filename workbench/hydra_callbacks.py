@@ -13,14 +13,18 @@ class PrepareTracking(Callback):
     start: parallel jobs that each create a fresh SQLite store race on its schema."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        # A study's sweeper does this itself, after it has checked the study: a refused study leaves nothing.
-        if "tracking" in config and config.get("study") is None:
-            from workbench import tracking
-            from workbench.app import fail
-            from workbench.config import ConfigError
+        from workbench.app import fail
+        from workbench.config import ConfigError, validate_launcher
 
-            try:
+        try:
+            # run.py checked this already; commands that bypass its check (--config-name...) meet it here,
+            # still before any store or sweep folder exists.
+            validate_launcher(config.hydra)
+            # A study's sweeper does this itself, after it has checked the study: a refused study leaves nothing.
+            if "tracking" in config and config.get("study") is None:
+                from workbench import tracking
+
                 tracking.check_server(config.tracking)
                 tracking.configure(config.tracking)
-            except ConfigError as exc:
-                fail(str(exc))
+        except ConfigError as exc:
+            fail(str(exc))
