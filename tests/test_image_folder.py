@@ -45,12 +45,36 @@ def make_folder(root: Path, per_class: int = 12, reverse: bool = False) -> Path:
     return root
 
 
-def add_broken_files(root: Path) -> None:
-    """Garbage named .jpg (skipped when scanning), a truncated JPEG (skipped when decoding), and non-images."""
-    (root / "dog" / "corrupt.jpg").write_bytes(b"\x00garbage, not an image\x00" * 40)
+BROKEN = ("garbage.jpg", "truncated.jpg", "corrupt body.jpg")  # what add_broken_files writes that is skipped
+
+
+def jpeg_bytes(seed: int, size: int = 32) -> bytes:
     buffer = io.BytesIO()
-    Image.fromarray(np.full((20, 20, 3), 127, dtype=np.uint8)).save(buffer, format="JPEG")
-    (root / "cat" / "truncated.jpg").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 3])
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(size, size, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def truncated_jpeg(seed: int) -> bytes:
+    """A JPEG cut short: its signature is right, decoding runs out of data."""
+    data = jpeg_bytes(seed)
+    return data[: len(data) // 3]
+
+
+def corrupt_jpeg(seed: int) -> bytes:
+    """A whole JPEG whose compressed body is overwritten in the middle: libjpeg stops with an error."""
+    data = bytearray(jpeg_bytes(seed))
+    middle = len(data) // 2
+    data[middle : middle + 200] = b"\xff" * 200
+    return bytes(data)
+
+
+def add_broken_files(root: Path) -> None:
+    """Garbage named .jpg, a truncated JPEG and a JPEG with a corrupt body (all three skipped), and
+    files that are no images (not counted)."""
+    (root / "dog" / "garbage.jpg").write_bytes(b"\x00garbage, not an image\x00" * 40)
+    (root / "cat" / "truncated.jpg").write_bytes(truncated_jpeg(1))
+    (root / "hérisson" / "corrupt body.jpg").write_bytes(corrupt_jpeg(2))
     (root / "cat" / "notes.txt").write_text("not an image, not counted\n")
     (root / ".hidden").mkdir()  # not a class
 
@@ -66,7 +90,12 @@ def test_train_on_an_odd_image_folder(workdir: Path) -> None:
     result = run_cli(["data=image_folder", f"data.path={folder}", *TINY, "tracking.log_model=false"], cwd=workdir)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
-    assert "Skipped 1 unreadable file" in output, output[-4000:]
+    # One line for the folder both splits come from, counting all three; libjpeg's messages stay off the console.
+    skipped_lines = [line for line in output.splitlines() if "unreadable image file" in line]
+    assert len(skipped_lines) == 1, output[-4000:]
+    assert f"Skipped 3 unreadable image file(s) of 39 in {folder};" in skipped_lines[0], skipped_lines
+    for noise in ("Input file read error", "Corrupt JPEG", "Premature end"):
+        assert noise not in output, output[-4000:]
 
     from mlflow.tracking import MlflowClient
 
@@ -77,6 +106,12 @@ def test_train_on_an_odd_image_folder(workdir: Path) -> None:
     assert run.info.status == "FINISHED"
     assert run.data.tags["data"] == "image_folder"
     assert "val_accuracy" in run.data.metrics
+    # Three classes: every label is in the top 5, so top-5 accuracy would be a constant 1.0 and is not logged.
+    assert not [key for key in run.data.metrics if "top5" in key], sorted(run.data.metrics)
+    listed = client.download_artifacts(run.info.run_id, "skipped_files.txt", str(workdir))
+    rows = [line.split("\t") for line in Path(listed).read_text(encoding="utf-8").splitlines()]
+    assert sorted(Path(path).name for path, _ in rows) == sorted(BROKEN)
+    assert all(Path(path).is_relative_to(folder) and why for path, why in rows), rows
     datasets = [d.dataset for d in run.inputs.dataset_inputs]
     assert len(datasets) == 1
     expected = load(folder)
@@ -94,10 +129,10 @@ def test_scan_finds_odd_names_and_skips_garbage(tmp_path: Path) -> None:
     names = {Path(f).name for f in files}
     assert {"chat été 0.JPG", "img_1.jpeg", "IMG_2.PNG", "photo 3.jpg", "4.png", "ünïcødé_5.Jpg"} <= names
     assert any("/nested/deeper/" in f for f in files)
-    assert "corrupt.jpg" not in names and "notes.txt" not in names
-    # The truncated JPEG starts like a JPEG: it is kept here and skipped by the pipeline when it fails to decode.
-    assert "truncated.jpg" in names
-    assert len(files) == 3 * 12 + 1
+    # The truncated and the corrupt JPEG start like JPEGs: the scan decodes every file, so they are skipped here.
+    assert not names & {*BROKEN, "notes.txt"}
+    assert len(files) == 3 * 12
+    assert sorted(Path(f).name for f, _ in source.skipped) == sorted(BROKEN)
 
 
 def test_val_fraction_splits_each_class(tmp_path: Path) -> None:

@@ -12,8 +12,7 @@ from dataclasses import dataclass
 import tensorflow as tf
 from omegaconf import DictConfig
 
-from workbench import augment
-from workbench.config import ConfigError
+from workbench import augment, sources
 from workbench.sources import Source, Split
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -31,8 +30,7 @@ def build(source: Source, cfg: DictConfig, size: int, preprocess, initial_epoch:
     trainer = cfg.trainer
     batch = trainer.batch_size
     n = len(source.train)
-    if n < batch:
-        raise ConfigError(f"trainer.batch_size={batch}: larger than the {n} training images")
+    sources.check_batch_size(source, batch)  # the trainer checked already, before creating any store
     steps = trainer.steps_per_epoch or n // batch
     load = _loader(source.train, source.num_classes)
     transform = augment.train_transform(cfg.augmentation, size)

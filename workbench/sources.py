@@ -1,6 +1,8 @@
 """Where the images come from: built-in digits, an image folder, or synthetic tensors.
 
-No TensorFlow here: a missing folder or an empty class is refused before any model is built.
+No TensorFlow here: a missing folder, a single class or a class with no image that decodes is refused
+before any store or model exists. Every file of an image folder is decoded once when scanned (readable.py),
+so the files the pipeline would fail on are skipped here: counted in the log, named in the run.
 """
 
 from __future__ import annotations
@@ -8,18 +10,17 @@ from __future__ import annotations
 import hashlib
 import logging
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from omegaconf import DictConfig
 
+from workbench import readable
 from workbench.config import ConfigError
 
 log = logging.getLogger(__name__)
 
-# First bytes of each format tf.io.decode_image reads; anything else is skipped as unreadable.
-_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")
 _SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp"}
 SPLIT_SEED = 0
 
@@ -44,6 +45,7 @@ class Source:
     val: Split
     uri: str      # where the data lives, for MLflow's dataset record
     digest: str   # identifies the exact examples, for MLflow's dataset record
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, why) of files that will not decode
 
     @property
     def num_classes(self) -> int:
@@ -112,16 +114,19 @@ def _image_folder(path: str | None, val_fraction: float) -> Source:
     classes = sorted(p.name for p in train_root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise ConfigError(f"data.path={path}: empty; it needs one sub-folder of images per class")
+    if len(classes) == 1:
+        raise ConfigError(f"data.path={path}: one class folder ({classes[0]}); a classifier needs at least two")
 
-    skipped: list[Path] = []
-    train_files = _scan(train_root, classes, skipped)
+    # Every file of both splits is checked in one go: one pass of the thread pool, one cache per folder.
+    candidates = {folder: _candidates(folder, classes) for folder in (train_root, val_root) if folder is not None}
+    verdicts = readable.check(root, [f for per_class in candidates.values() for files in per_class for f in files])
+    skipped: list[tuple[str, str]] = []
+    train_files = _keep_readable(train_root, classes, candidates[train_root], verdicts, skipped)
     if val_root is not None:
-        val_files = _scan(val_root, classes, skipped, required=False)
+        val_files = _keep_readable(val_root, classes, candidates[val_root], verdicts, skipped, required=False)
         train, val = _as_split(train_files), _as_split(val_files)
     else:
         train, val = _split_per_class(classes, train_files, val_fraction)
-    if skipped:
-        log.warning("Skipped %d unreadable file(s) under %s, e.g. %s", len(skipped), root, skipped[0])
     if len(val) == 0:
         raise ConfigError(f"data.path={path}: no validation images; add a val/ folder or raise data.val_fraction")
     all_files = sorted(f for files in train_files for f in files)
@@ -132,35 +137,46 @@ def _image_folder(path: str | None, val_fraction: float) -> Source:
         val=val,
         uri=str(root.resolve()),
         digest=_digest("\n".join(all_files).encode()),
+        skipped=skipped,
     )
 
 
-def _scan(root: Path, classes: list[str], skipped: list[Path], required: bool = True) -> list[list[str]]:
-    """Readable image files of each class, in a stable order."""
-    per_class = []
-    for name in classes:
-        folder = root / name
-        files = []
-        for p in sorted(folder.rglob("*")) if folder.is_dir() else []:
-            if p.suffix.lower() not in _SUFFIXES or not p.is_file():
-                continue
-            if _readable(p):
-                files.append(str(p))
-            else:
-                skipped.append(p)
-        if required and not files:
-            raise ConfigError(f"{folder}: class folder has no readable image (JPEG, PNG, GIF or BMP)")
-        per_class.append(files)
+def _candidates(root: Path, classes: list[str]) -> list[list[Path]]:
+    """Files with an image suffix in each class folder, in a stable order."""
+    return [
+        [p for p in sorted(folder.rglob("*")) if p.suffix.lower() in _SUFFIXES and p.is_file()]
+        if (folder := root / name).is_dir() else []
+        for name in classes
+    ]
+
+
+def _keep_readable(
+    root: Path,
+    classes: list[str],
+    candidates: list[list[Path]],
+    verdicts: dict[Path, str | None],
+    skipped: list[tuple[str, str]],
+    required: bool = True,
+) -> list[list[str]]:
+    """The files of each class that will decode; the others go to `skipped` with their reason, and one
+    log line counts them (per split folder: train/ and val/, or the one folder both splits come from)."""
+    per_class, dropped = [], 0
+    for name, files in zip(classes, candidates):
+        kept = [str(f) for f in files if verdicts[f] is None]
+        bad = [(str(f), str(verdicts[f])) for f in files if verdicts[f] is not None]
+        if required and not kept:
+            why = f" ({len(bad)} file(s) that do not decode, e.g. {Path(bad[0][0]).name}: {bad[0][1]})" if bad else ""
+            raise ConfigError(f"{root / name}: class folder has no readable image (JPEG, PNG, GIF or BMP){why}")
+        skipped.extend(bad)
+        dropped += len(bad)
+        per_class.append(kept)
+    if dropped:
+        total = dropped + sum(len(files) for files in per_class)
+        log.warning(
+            "Skipped %d unreadable image file(s) of %d in %s; each is named, with the reason, in the run's "
+            "skipped_files.txt", dropped, total, root,
+        )
     return per_class
-
-
-def _readable(path: Path) -> bool:
-    try:
-        with path.open("rb") as f:
-            head = f.read(8)
-    except OSError:
-        return False
-    return any(head.startswith(sig) for sig in _SIGNATURES)
 
 
 def _as_split(per_class: list[list[str]]) -> Split:
@@ -185,3 +201,14 @@ def _split_per_class(
 
 def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:12]
+
+
+def check_batch_size(source: Source, batch_size: int) -> None:
+    """Refuse a batch larger than the training set: before any store, model or pipeline exists."""
+    if len(source.train) < batch_size:
+        raise ConfigError(f"trainer.batch_size={batch_size}: larger than the {len(source.train)} training images")
+
+
+def skipped_files_text(source: Source) -> str:
+    """The run's skipped_files.txt: one unreadable file a line, its path and the reason, tab-separated."""
+    return "".join(f"{path}\t{why}\n" for path, why in source.skipped)
