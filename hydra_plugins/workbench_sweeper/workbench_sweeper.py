@@ -23,6 +23,7 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig
 
+from workbench import signals
 from workbench.app import fail
 from workbench.config import ConfigError, redact
 from workbench.study.spec import Spec
@@ -30,8 +31,7 @@ from workbench.study.spec import Spec
 if TYPE_CHECKING:
     import optuna
 
-EXIT_STOPPED = 1  # the study stopped early: too many failed trials
-EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports it
+EXIT_STOPPED = 1  # the study stopped early: too many failed trials; a stop signal exits 128 + signal
 # Launchers log each job's overrides; a storage URL among them may hold a password.
 LAUNCHER_LOGGERS = (
     "hydra._internal.core_plugins.basic_launcher",
@@ -69,11 +69,12 @@ class WorkbenchSweeper(Sweeper):
             status = "FAILED" if stopped or crashed else "FINISHED"
         except KeyboardInterrupt:
             status = "KILLED"
+            _fail_dead_trials(study)  # workers that a second Ctrl-C (or the launcher) ended mid-trial
         finally:
             self._close(study, spec, run_id, status)  # 6. whatever happened
         if status == "KILLED":
             print("Interrupted: rerun the same command to run the rest of the study.", file=sys.stderr)
-            raise SystemExit(EXIT_INTERRUPTED)
+            raise SystemExit(signals.exit_status())
         for job in returns:
             _ = job.return_value  # re-raises a worker's crash, as Hydra's own sweeper does
         if stopped:
@@ -105,7 +106,7 @@ class WorkbenchSweeper(Sweeper):
     def _launch_workers(
         self, arguments: list[str], spec: Spec, study: optuna.Study, run_id: str, launch_id: str
     ) -> list[JobReturn]:
-        from workbench.study import compose, interrupt, tally
+        from workbench.study import compose, tally
         from workbench.study.progress import Progress
 
         launcher = self.config.hydra.launcher._target_.rsplit(".", 1)[-1]
@@ -123,10 +124,20 @@ class WorkbenchSweeper(Sweeper):
             compose.assign("study.deadline", time.time() + spec.timeout if spec.timeout else None),
         ])
         _redact_launcher_logs()
-        # 5. A progress line and the parent run's metrics while the workers run.
-        with interrupt.stop_on_signals(), Progress(study, spec, run_id):
-            returns = self.launcher.launch([worker] * spec.workers, initial_job_idx=0)
-        interrupt.check()  # a stop whose KeyboardInterrupt Python swallowed
+        # 5. A progress line and the parent run's metrics while the workers run. Workers in other processes
+        # (joblib, submitit) are in this process group: Ctrl-C reaches each, and each hands back its trial
+        # and returns. Raising here meanwhile would make the launcher kill them half-way (joblib does), so
+        # this process waits for them (`defer`), then raises.
+        with signals.stop_on_signals(defer=launcher != "BasicLauncher"), Progress(study, spec, run_id):
+            try:
+                returns = self.launcher.launch([worker] * spec.workers, initial_job_idx=0)
+            except Exception:
+                if signals.received() is None:
+                    raise
+                # The launcher ended its jobs on the stop (submitit's local controller kills them a second
+                # after forwarding the signal): the trials of those that died are failed on the way out.
+                returns = []
+        signals.check()  # a stop deferred, or whose KeyboardInterrupt Python swallowed
         return list(returns)
 
     def _close(self, study: optuna.Study, spec: Spec, run_id: str, status: str) -> None:
@@ -149,6 +160,18 @@ def _stopped_message(study: optuna.Study, spec: Spec, launch_id: str) -> str:
         f"study {spec.name} stopped: {spec.max_failures} trials failed (study.max_failures); "
         f"the last, trial {last.number}: {last.user_attrs.get('error', 'no error recorded')}"
     )
+
+
+def _fail_dead_trials(study: optuna.Study) -> None:
+    """Fail (and queue again) the trials of local workers that no longer exist; best effort on the way out."""
+    import optuna
+
+    from workbench.study import storage
+
+    try:
+        storage.fail_stale_trials(study)
+    except (optuna.exceptions.OptunaError, OSError) as exc:  # the next launch does it again
+        logging.getLogger(__name__).warning("Could not fail the trials of stopped workers: %s", redact(str(exc)))
 
 
 class _Redacted(logging.Filter):

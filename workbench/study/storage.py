@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import socket
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -13,6 +16,7 @@ if TYPE_CHECKING:
 
     from workbench.study.spec import Spec
 
+log = logging.getLogger(__name__)
 SQLITE_TIMEOUT_S = 60  # several workers and their heartbeats write to one file: wait for the lock, don't fail
 
 
@@ -29,11 +33,11 @@ def open_storage(spec: Spec, heartbeat: bool = False) -> optuna.storages.RDBStor
         if heartbeat:
             # The retry inherits the reported epochs: it goes on from the dead attempt's checkpoint.
             retry = RetryHeartbeatStaleTrialCallback(max_retry=spec.max_retry, inherit_intermediate_values=True)
-            options = dict(
-                heartbeat_interval=spec.heartbeat_interval,
-                grace_period=spec.grace_period,
-                heartbeat_stale_trial_callback=retry,
-            )
+            options = {
+                "heartbeat_interval": spec.heartbeat_interval,
+                "grace_period": spec.grace_period,
+                "heartbeat_stale_trial_callback": retry,
+            }
         try:
             return RDBStorage(sqlalchemy_url(spec.storage), engine_kwargs=engine, **options)
         except Exception as exc:  # a driver missing, a server down, a bad URL
@@ -85,13 +89,98 @@ def load_study(spec: Spec) -> tuple[Spec, optuna.Study]:
 
 
 def fail_stale_trials(study: optuna.Study) -> None:
-    """A dead worker's trial stays RUNNING until its heartbeat is found stale: fail it (the retry callback
-    queues it again) before counting the budget, or it would hold budget that no one spends."""
+    """A dead worker's trial stays RUNNING: fail it (the retry callback queues it again) before counting the
+    budget, or it would hold budget that no one spends. A worker of this host whose process is gone is dead
+    at once; others once their heartbeat is `grace_period` seconds stale."""
     import optuna
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
+        _fail_dead_local_trials(study)
+
+
+def worker_identity() -> dict[str, str | int | None]:
+    """What a trial records of the process that runs it (its `worker` user attribute)."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "started": _start_time(os.getpid())}
+
+
+def _fail_dead_local_trials(study: optuna.Study) -> None:
+    """As optuna.storages.fail_stale_trials does for stale heartbeats, for trials whose worker was a process
+    of this host that no longer exists: fail each (once, whichever process gets there first), end its
+    MLflow run KILLED, and hand it to the heartbeat's retry callback (the retry inherits its epochs)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    storage = study._storage  # as Optuna's own fail_stale_trials: the retry callback lives there
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if not _dead_here(trial.user_attrs.get("worker")):
+            continue
+        try:
+            if storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+                failed.append(trial._trial_id)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # another process failed it first
+    # The heartbeat's retry callback, on an RDBStorage or the cache Optuna wraps it in.
+    retry = getattr(storage, "get_heartbeat_stale_trial_callback", lambda: None)()
+    for trial_id in failed:
+        trial = storage.get_trial(trial_id)
+        _end_run(trial)
+        if retry is not None:
+            retry(study, trial)
+
+
+def _dead_here(worker: object) -> bool:
+    """Whether a trial's worker ran on this host and its process is gone (or its pid is now another's)."""
+    if not isinstance(worker, dict) or worker.get("host") != socket.gethostname() or "pid" not in worker:
+        return False
+    pid = int(worker["pid"])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # a process of another user: not our worker if the start times differ
+    stat = _stat(pid)
+    if stat is None:  # no /proc (not Linux): the process exists, so the heartbeat decides
+        return False
+    started = worker.get("started")
+    # A zombie (killed, not yet reaped) is dead; a pid reused by a later process has another start time.
+    return stat[0] == "Z" or (started is not None and int(stat[19]) != started)
+
+
+def _start_time(pid: int) -> int | None:
+    """When the process started (clock ticks since boot), to tell a reused pid from our worker; Linux only."""
+    stat = _stat(pid)
+    return None if stat is None else int(stat[19])
+
+
+def _stat(pid: int) -> list[str] | None:
+    """/proc/<pid>/stat's fields from the third on (state, ppid, ...; start time is [19])."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces and parentheses
+
+
+def _end_run(trial: optuna.trial.FrozenTrial) -> None:
+    """The dead worker never ended its trial's MLflow run: end it KILLED now (the retry, if any, says so too)."""
+    run_id = trial.user_attrs.get("mlflow_run_id")
+    if not run_id:
+        return
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    try:
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_tag(run_id, "state", "FAIL")
+            client.set_tag(run_id, "workbench.stopped", f"worker {trial.user_attrs['worker']['pid']} died")
+            client.set_terminated(run_id, "KILLED")
+    except MlflowException as exc:  # a run in another store, or the store away: the retry ends it
+        log.warning("Trial %d: could not end its MLflow run %s: %s", trial.number, run_id, redact(str(exc)))
 
 
 def sqlite_file(url: str) -> Path | None:

@@ -16,9 +16,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 
-from workbench import tracking
-from workbench.tracking import Terminated
-from workbench.study import compose, interrupt, lock, samplers, storage, tally
+from workbench import signals, tracking
+from workbench.study import compose, lock, samplers, storage, tally
 from workbench.study.spec import Spec
 from workbench.study.trial import Objective
 
@@ -45,9 +44,11 @@ def run(cfg: DictConfig) -> int:
     launch_id, deadline = cfg.study.launch_id, cfg.study.deadline
     objective = Objective(spec, user, cfg.study.parent_run_id, launch_id, budget_lock)
     ran = 0
-    with interrupt.stop_on_signals():
+    _quiet_stops()
+    with signals.stop_on_signals():
         while True:
-            interrupt.check()
+            if signals.received():
+                return ran  # stopped between trials (its KeyboardInterrupt swallowed, or a later worker)
             budget_lock.acquire()
             try:
                 storage.fail_stale_trials(study)
@@ -58,14 +59,36 @@ def run(cfg: DictConfig) -> int:
                 # The objective releases the lock as soon as its trial exists.
                 study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=True)
                 ran += 1
-            except KeyboardInterrupt as stop:
+            except KeyboardInterrupt:
                 _hand_back(study, spec, objective.running)
-                if isinstance(stop, Terminated):  # a scheduler stopped this job; the other workers go on
-                    log.warning("Worker %d was stopped (%s); its trial goes back to the study", job, stop)
-                    return ran
-                raise
+                # Return, not raise: a pool launcher (joblib) that sees a job raise kills the other workers,
+                # which got the same Ctrl-C and are handing back their trials. The launching process knows
+                # it was stopped (its own signal, or `signals.check()` in-process); with SIGTERM from a
+                # scheduler for this job alone, the other workers go on.
+                log.warning("Worker %d was stopped (%s); its trial goes back to the study", job, _name())
+                return ran
             finally:
                 budget_lock.release()
+
+
+class _NoStopTraceback(logging.Filter):
+    """Optuna logs a trial's KeyboardInterrupt with its traceback: a stop is expected, its one line is enough."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[0] and issubclass(record.exc_info[0], KeyboardInterrupt):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _quiet_stops() -> None:
+    logger = logging.getLogger("optuna.study._optimize")
+    if not any(isinstance(f, _NoStopTraceback) for f in logger.filters):
+        logger.addFilter(_NoStopTraceback())
+
+
+def _name() -> str:
+    signum = signals.received()
+    return signum.name if signum else "interrupted"
 
 
 def _hand_back(study: optuna.Study, spec: Spec, number: int | None) -> None:
