@@ -32,7 +32,7 @@ QUIET = [*TINY, "tracking.log_model=false", "tracking.checkpoints=none"]
     ids=lambda o: " ".join(o),
 )
 def test_every_option_trains(workdir: Path, overrides: list[str]) -> None:
-    metrics = train(compose_config([*QUIET, *overrides]))
+    metrics = train(compose_config([*QUIET, *overrides])).metrics
     for key in ("loss", "accuracy", "top5_accuracy", "val_loss", "val_accuracy", "learning_rate",
                 "epoch_seconds", "images_per_second"):
         assert np.isfinite(metrics[key]), key

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from workbench.config import ConfigError
+
+if TYPE_CHECKING:
+    from workbench.train import RunContext
 
 EXIT_USAGE = 2  # bad input, as argparse and Hydra's usage errors
 
@@ -23,22 +29,87 @@ def main(cfg: DictConfig) -> float | int | None:
     _pin_gpus(cfg)
     if cfg.get("study") is not None:
         return _study_worker(cfg)
-    from workbench import tracking
+    from workbench import signals, tracking
     from workbench.train import train
 
     try:
-        tracking.check_server(cfg.tracking)
-        metrics = train(cfg)
+        with signals.stop_on_signals():
+            tracking.check_server(cfg.tracking)
+            result = train(cfg, _run_context())
     except ConfigError as exc:
+        _discard_output_dir()
         fail(str(exc))
-    import mlflow
-
-    run = mlflow.last_active_run()
+    except KeyboardInterrupt:  # the run has ended KILLED; say how to go on, without a traceback
+        _stopped(cfg)
+    metrics = result.metrics
     shown = {k: metrics[k] for k in sorted(metrics) if k.startswith(("val_", "accuracy", "loss"))}
-    print(f"\nRun {run.info.run_id} {run.info.status} in experiment '{cfg.tracking.experiment}'")
+    print(f"\nRun {result.run_id} FINISHED in experiment '{cfg.tracking.experiment}'")
     print("  " + "  ".join(f"{k}={v:.4f}" for k, v in shown.items()))
-    print(f"  Compare runs: {tracking.ui_hint(run.info.run_id)}")
+    print(f"  Compare runs: {tracking.ui_hint(result.run_id)}")
     return metrics.get(cfg.tracking.monitor)
+
+
+def _stopped(cfg: DictConfig) -> NoReturn:
+    """One line for a run that a signal stopped, and exit status 128 + signal (130 for Ctrl-C)."""
+    import json
+    import shlex
+
+    from hydra.core.hydra_config import HydraConfig
+
+    from workbench import signals
+    from workbench.config import redact
+    from workbench.train import checkpoint_dir
+
+    signum = signals.received()
+    name = signum.name if signum else "Ctrl-C"
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    kept = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] != "trainer.resume"]
+    # state.json, read as such: workbench.checkpoints would import Keras for one number.
+    state = checkpoint_dir(cfg) / "state.json"
+    done = json.loads(state.read_text())["epoch"] if state.is_file() else 0
+    if done:
+        command = " ".join(["python run.py", *(shlex.quote(redact(o)) for o in kept), "trainer.resume=true"])
+        print(f"stopped by {name} after epoch {done} of {cfg.trainer.epochs}; continue with: {command}", file=sys.stderr)
+    else:
+        command = " ".join(["python run.py", *(shlex.quote(redact(o)) for o in kept)])
+        print(f"stopped by {name} before the first epoch ended; start again with: {command}", file=sys.stderr)
+    raise SystemExit(signals.exit_status())
+
+
+def _discard_output_dir() -> None:
+    """A refused run leaves nothing: remove the folder Hydra made for this job (outputs/<date>/<time>, with
+    its .hydra copies and log) and the date folder above it when that is left empty."""
+    import shutil
+
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.RUN:
+        return  # a multirun's sweep folder holds its other jobs too
+    output = Path(HydraConfig.get().runtime.output_dir)
+    if output.resolve() == Path.cwd().resolve():
+        return  # hydra.run.dir=. : the user's own folder
+    shutil.rmtree(output, ignore_errors=True)
+    for parent in (output.parent, output.parent.parent):
+        if parent.resolve() == Path.cwd().resolve():
+            break
+        try:
+            parent.rmdir()  # only when empty
+        except OSError:
+            break
+
+
+def _run_context() -> RunContext:
+    """This Hydra job's group choices, command-line overrides and .hydra folder, for the run to log."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from workbench.train import RunContext
+
+    if not HydraConfig.initialized():
+        return RunContext()
+    hc = HydraConfig.get()
+    choices = {k: v for k, v in hc.runtime.choices.items() if v is not None}
+    hydra_dir = Path(hc.runtime.output_dir) / hc.output_subdir if hc.output_subdir else None
+    return RunContext(choices, list(hc.overrides.task), hydra_dir)
 
 
 def _study_worker(cfg: DictConfig) -> int:

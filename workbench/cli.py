@@ -106,7 +106,7 @@ def best(study: optuna.Study, spec: Spec, args: argparse.Namespace) -> None:
     for trial in trials:
         if spec.multi_objective or args.trial is not None:
             print(f"# trial {trial.number}: {report.values_text(spec, trial) if trial.values else trial.state.name}")
-        print(report.retrain_command(trial))
+        print(report.retrain_command(trial, spec))
 
 
 def report(study: optuna.Study, spec: Spec, args: argparse.Namespace) -> None:

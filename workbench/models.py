@@ -5,9 +5,10 @@ The registry itself is plain data, so validation can use it without importing Te
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import keras
@@ -33,12 +34,17 @@ ARCHITECTURES: dict[str, Architecture] = {
 }
 
 
+# The weights of conv and dense layers that weight decay applies to: Conv2D/Dense, DepthwiseConv2D and
+# SeparableConv2D name them so; BatchNormalization's gamma/beta and every bias are named otherwise.
+KERNELS = ("kernel", "depthwise_kernel", "pointwise_kernel")
+
+
 def input_size(model_cfg: DictConfig) -> int:
     """The configured input side, or the architecture's native one."""
     return model_cfg.input_size or ARCHITECTURES[model_cfg.name].native_size
 
 
-def preprocessor(name: str):
+def preprocessor(name: str) -> Callable[[Any], Any]:
     """The architecture's own `preprocess_input`, mapping [0, 255] RGB images to what it expects."""
     import keras
 
@@ -104,14 +110,11 @@ def _small_cnn(shape: tuple[int, int, int]) -> keras.Model:
 def add_kernel_l2(model: keras.Model, weight_decay: float) -> None:
     """L2 on conv and dense kernels only (BN and biases excluded), as the TF ResNet tutorial does.
 
+    Kernels are found by variable name (`backbone/conv0/kernel`, `.../depthwise_kernel`, `.../pointwise_kernel`).
     Variable regularizers are not saved with a model: call again after loading a checkpoint.
     """
     import keras
 
-    kernel_layers = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.SeparableConv2D, keras.layers.Dense)
-    for layer in model._flatten_layers(include_self=False, recursive=True):
-        if isinstance(layer, kernel_layers):
-            for attr in ("kernel", "depthwise_kernel", "pointwise_kernel"):
-                variable = getattr(layer, attr, None)
-                if variable is not None:
-                    variable.regularizer = keras.regularizers.L2(weight_decay)
+    for variable in model.variables:
+        if variable.name in KERNELS:
+            variable.regularizer = keras.regularizers.L2(weight_decay)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
-import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,19 +15,11 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
+from workbench import signals
 from workbench.config import RUN_CONTROL_KEYS, ConfigError, flatten, redact, redacted_yaml, sqlalchemy_url
 
 log = logging.getLogger(__name__)
 CURVES = (("loss", "val_loss"), ("accuracy", "val_accuracy"), ("learning_rate",))
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a scheduler's stop or preemption) or SLURM's SIGUSR2 warning before the time limit ends a
-    run the way Ctrl-C does: KILLED."""
-
-
-# What a scheduler sends before it stops a job: SIGTERM, and SIGUSR2 from SLURM (submitit's --signal).
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
 
 
 def configure(tracking_cfg: DictConfig) -> str:
@@ -86,7 +76,7 @@ def run(
     )
     status = "FAILED"
     try:
-        with _sigterm_raises():
+        with signals.stop_on_signals():  # inside a study worker's: the worker's scope stays in charge
             yield active
         status = "FINISHED"
     except KeyboardInterrupt:
@@ -99,23 +89,6 @@ def run(
     finally:
         mlflow.flush_async_logging()
         mlflow.end_run(status)
-
-
-@contextlib.contextmanager
-def _sigterm_raises() -> Iterator[None]:
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise Terminated(f"signal {signum}")
-
-    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
 
 
 def log_config(cfg: DictConfig, hydra_dir: Path | None) -> None:
@@ -139,7 +112,13 @@ def _redact_file(path: Path) -> str:
 
 
 def run_tags(cfg: DictConfig, choices: dict[str, str], overrides: list[str], config_hash: str) -> dict[str, str]:
-    return {
+    """The run's tags: the user's `tracking.tags`, then what the workbench knows (which wins a clash)."""
+    extra = cfg.tracking.get("tags")
+    if extra is not None and not isinstance(extra, DictConfig):
+        raise ConfigError(
+            f"tracking.tags={extra}: must be a mapping of tag names to values; e.g. 'tracking.tags={{team: vision}}'"
+        )
+    return flatten(extra or {}) | {  # flatten hides secrets: URL passwords and secret-named keys' values
         "model": cfg.model.name,
         "optimizer": cfg.optimizer.name,
         "schedule": cfg.schedule.name,

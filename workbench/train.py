@@ -3,23 +3,44 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import mlflow
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from workbench import models, sources, tracking
-from workbench.config import config_hash, validate
+from workbench import models, signals, sources, tracking
+from workbench.config import config_hash, redacted_yaml, validate
 
 if TYPE_CHECKING:  # TensorFlow loads only once the config and data have been checked
     from workbench.callbacks import ReportFn
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """How the config was put together, which the config itself does not say: the config-group choices
+    (`recipe` is tagged), the overrides it was composed from, and Hydra's output subfolder (`.hydra`) when
+    the run is a Hydra job of its own. The caller knows these; the trainer logs them."""
+
+    choices: dict[str, str] = field(default_factory=dict)
+    overrides: list[str] = field(default_factory=list)
+    hydra_dir: Path | None = None
+
+
+@dataclass(frozen=True)
+class Result:
+    """The MLflow run a training went to, and the latest value of each of its metrics."""
+
+    run_id: str
+    metrics: dict[str, float]
 
 
 def checkpoint_dir(cfg: DictConfig) -> Path:
@@ -31,19 +52,24 @@ def checkpoint_dir(cfg: DictConfig) -> Path:
 
 def train(
     cfg: DictConfig,
+    context: RunContext | None = None,
     report: ReportFn | None = None,
     parent_run_id: str | None = None,
     tags: dict[str, str] | None = None,
-) -> dict[str, float]:
-    """Train the configured model, tracked in MLflow; return the final epoch's metrics.
+    on_run_start: Callable[[str], None] | None = None,
+) -> Result:
+    """Train the configured model, tracked in MLflow; return the run and its final epoch's metrics.
 
-    `report(epoch, metrics)` is called after every epoch and stops training by returning True (studies
-    prune with it); `parent_run_id` and `tags` attach the MLflow run to a study. Besides the per-epoch
-    metrics, the result holds `parameters`, the model's parameter count.
+    `context` says how the config was composed (none: a config built in code). `report(epoch, metrics)` is
+    called after every epoch and stops training by returning True (studies prune with it); `parent_run_id`
+    and `tags` attach the MLflow run to a study; `on_run_start(run_id)` learns the run as soon as it is open.
+    Besides the per-epoch metrics, the result holds `parameters`, the model's parameter count.
     """
+    context = context or RunContext()
     validate(cfg)
     size = models.input_size(cfg.model)
     source = sources.load(cfg.data, size)
+    sources.check_batch_size(source, cfg.trainer.batch_size)
     experiment_id = tracking.configure(cfg.tracking)  # a server that refuses us fails before TensorFlow loads
 
     from workbench.checkpoints import CheckpointDir, State
@@ -60,20 +86,32 @@ def train(
 
     with _keras_session(cfg.trainer) as strategy:
         model, pipelines = _prepare(cfg, source, size, ckpt, state, strategy)
-        choices, overrides, hydra_dir = _hydra_context()
-        run_tags = tracking.run_tags(cfg, choices, overrides, config_hash(cfg)) | (tags or {})
+        run_tags = tracking.run_tags(cfg, context.choices, context.overrides, config_hash(cfg)) | (tags or {})
         with tracking.run(
             cfg.tracking, experiment_id, run_id=state.run_id, parent_run_id=parent_run_id, tags=run_tags
         ) as active:
             run_id = active.info.run_id
+            if on_run_start is not None:
+                on_run_start(run_id)
             if state.run_id is None:
-                tracking.log_config(cfg, hydra_dir)
+                _log_config(cfg, context)
                 tracking.log_dataset(source.name, source.uri, source.digest)
+                if source.skipped:  # counted in the log by the scan; named here
+                    mlflow.log_text(sources.skipped_files_text(source), "skipped_files.txt")
                 mlflow.log_metric("parameters", model.count_params())
                 state.run_id = run_id
             _fit(cfg, model, pipelines, ckpt, state, report)
             _log_outputs(cfg, model, ckpt, run_id, size, source.num_classes)
-            return tracking.final_metrics(run_id)
+            return Result(run_id, tracking.final_metrics(run_id))
+
+
+def _log_config(cfg: DictConfig, context: RunContext) -> None:
+    """The `config/` artifacts: Hydra's own files for a Hydra job; else (a study trial, composed with the
+    compose API) the resolved config and the overrides it was composed from."""
+    tracking.log_config(cfg, context.hydra_dir)
+    if context.hydra_dir is None and context.overrides:
+        overrides = OmegaConf.create(list(context.overrides))
+        mlflow.log_text(redacted_yaml(overrides, resolve=False), "config/overrides.yaml")
 
 
 def _prepare(cfg, source, size, ckpt, state, strategy):
@@ -95,7 +133,11 @@ def _prepare(cfg, source, size, ckpt, state, strategy):
                 loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.trainer.label_smoothing),
                 metrics=[
                     keras.metrics.CategoricalAccuracy(name="accuracy"),
-                    keras.metrics.TopKCategoricalAccuracy(k=5, name="top5_accuracy"),
+                    # With 5 classes or fewer every label is in the top 5: a constant 1.0, so not logged.
+                    *(
+                        [keras.metrics.TopKCategoricalAccuracy(k=5, name="top5_accuracy")]
+                        if source.num_classes > 5 else []
+                    ),
                 ],
                 jit_compile=_jit(cfg.model.jit_compile),
             )
@@ -121,6 +163,12 @@ def _fit(cfg, model, pipelines, ckpt, state, report) -> None:
             keep_best=uploads in ("best", "best_and_last"), keep_every=uploads == "every_epoch",
         ),
         MlflowEpochs(ckpt if uploads == "every_epoch" else None),
+        # A stop whose KeyboardInterrupt Python swallowed (it landed in a garbage-collection callback)
+        # still ends training, at the next batch's start (batch-end hooks would turn off Keras's async dispatch).
+        keras.callbacks.LambdaCallback(
+            on_train_batch_begin=lambda *_, **__: signals.check(),
+            on_test_batch_begin=lambda *_, **__: signals.check(),
+        ),
     ]
     if cfg.optimizer.ema is not None:
         # Validation sees the averaged weights; checkpoints keep the raw ones (plus the average) for resume.
@@ -159,7 +207,12 @@ def _jit(value) -> bool | str:
 
 @contextlib.contextmanager
 def _keras_session(trainer_cfg: DictConfig) -> Iterator:
-    """Seeds, determinism, precision policy and distribution for one run; nothing leaks into the next."""
+    """Seeds, determinism, precision policy and distribution for one run.
+
+    The precision policy and Keras's state are reset afterwards. Op determinism is not: TensorFlow has no
+    public way to turn it off again, so once a run asks for it, it stays on for the rest of the process
+    (later runs in a study worker are deterministic too, and no slower on CPU).
+    """
     import keras
     import tensorflow as tf
 
@@ -181,22 +234,24 @@ def _keras_session(trainer_cfg: DictConfig) -> Iterator:
         # gradient all-reduce) in TensorFlow's global registry, which keeps the traced graphs alive forever:
         # about 13 MB a run for small_cnn, in a process that trains many times (a study worker).
         for name in set(gradients) - registered:
-            del gradients[name]
+            gradients.pop(name, None)
 
 
+@functools.cache
 def _gradient_registry() -> dict:
-    from tensorflow.python.framework import ops  # no public API lists or removes registered gradients
+    """TensorFlow's registry of gradient functions, private: no public API lists or removes them. Should a
+    TensorFlow release move it, training goes on with one warning, keeping its traced graphs in memory."""
+    try:
+        from tensorflow.python.framework import ops
 
-    return ops._gradient_registry._registry
-
-
-def _hydra_context() -> tuple[dict[str, str], list[str], Path | None]:
-    """Group choices, command-line overrides and the .hydra folder, when running under Hydra."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        return {}, [], None
-    hc = HydraConfig.get()
-    choices = {k: v for k, v in hc.runtime.choices.items() if v is not None}
-    output_dir = Path(hc.runtime.output_dir) / hc.output_subdir if hc.output_subdir else None
-    return choices, list(hc.overrides.task), output_dir
+        registry = ops._gradient_registry._registry
+        if not isinstance(registry, dict):
+            raise TypeError(f"a {type(registry).__name__}, not a dict")
+    except (ImportError, AttributeError, TypeError) as exc:
+        log.warning(
+            "Cannot free the graphs of finished runs (TensorFlow's gradient registry: %s): a process that trains "
+            "many times (a study worker) grows by some MB a run",
+            exc,
+        )
+        return {}
+    return registry

@@ -1,5 +1,6 @@
 """What a study leaves behind: its best trials as ready-to-run configs and commands, Optuna's plots as
-HTML (plotly) and PNG (matplotlib; plotly's PNG export needs Chrome), and the closing summary.
+PNG (matplotlib; plotly's PNG export needs Chrome) and together in one interactive HTML page (plotly), and
+the closing summary.
 """
 
 from __future__ import annotations
@@ -30,9 +31,13 @@ def best_trials(study: optuna.Study, spec: Spec) -> list[FrozenTrial]:
     return sorted(study.best_trials, key=lambda t: t.number) if spec.multi_objective else [tally.best(spec, trials)]
 
 
-def retrain_command(trial: FrozenTrial) -> str:
-    """`python run.py ...`: the study's base overrides, the user's overrides and the trial's parameters."""
-    return compose.command(trial.user_attrs["overrides"])
+def retrain_command(trial: FrozenTrial, spec: Spec) -> str:
+    """`python run.py ...`: the study's base overrides, the user's overrides and the trial's parameters;
+    the run it starts is named `retrain-trial-<n>-<study>` and tagged with the study and trial it reproduces."""
+    name = compose.assign("tracking.run_name", f"retrain-trial-{trial.number}-{spec.name}")
+    entries = [compose.assign("reproduces_study", spec.name), compose.assign("reproduces_trial", trial.number)]
+    tags = "tracking.tags={" + ", ".join(e.replace("=", ": ", 1) for e in entries) + "}"  # a Hydra dict
+    return compose.command(compose.merge(trial.user_attrs["overrides"], [name, tags]))
 
 
 def values_text(spec: Spec, trial: FrozenTrial) -> str:
@@ -46,7 +51,7 @@ def write_best(study: optuna.Study, spec: Spec, folder: Path) -> list[Path]:
     written, commands = [], []
     for trial in trials:
         name = f"trial-{trial.number}.yaml" if spec.multi_objective else "best_config.yaml"
-        command = retrain_command(trial)
+        command = retrain_command(trial, spec)
         header = (
             f"# Trial {trial.number} of study {spec.name}: {values_text(spec, trial)}\n"
             f"# Retrain: {command}\n"
@@ -64,7 +69,8 @@ def write_best(study: optuna.Study, spec: Spec, folder: Path) -> list[Path]:
 
 
 def write_plots(study: optuna.Study, spec: Spec, folder: Path) -> list[Path]:
-    """Optuna's study plots, each as .html and .png; a plot the study cannot draw yet is skipped."""
+    """Optuna's study plots: each as a .png, and all of them, interactive, in one plots.html; a plot the
+    study cannot draw yet is skipped."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -75,7 +81,7 @@ def write_plots(study: optuna.Study, spec: Spec, folder: Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         return []
-    written = []
+    written, figures = [], {}
     plots = MULTI_OBJECTIVE_PLOTS if spec.multi_objective else SINGLE_OBJECTIVE_PLOTS
     for plot in plots:
         options = _plot_options(spec, plot)
@@ -87,13 +93,35 @@ def write_plots(study: optuna.Study, spec: Spec, folder: Path) -> list[Path]:
         except Exception as exc:  # e.g. importances need two complete trials with varied parameters
             log.info("Skipping the %s plot: %s", plot, exc)
             continue
-        html, png = folder / f"{plot}.html", folder / f"{plot}.png"
-        figure.write_html(html, include_plotlyjs=True)
+        png = folder / f"{plot}.png"
         first = axes.flat[0] if hasattr(axes, "flat") else axes
         first.figure.savefig(png, dpi=100, bbox_inches="tight")
         plt.close(first.figure)
-        written += [html, png]
+        figures[plot] = figure
+        written.append(png)
+    if figures:
+        written.insert(0, _write_html(figures, f"Study {spec.name}", folder / "plots.html"))
     return written
+
+
+def _write_html(figures: dict[str, Any], title: str, path: Path) -> Path:
+    """All interactive plots in one page that carries plotly.js once (4.8 MB; one copy per plot made a study's
+    plots 19 MB). Inlined, not from a CDN, so it works offline; and one self-contained file, not
+    include_plotlyjs="directory": the MLflow UI shows an HTML artifact from a blob: URL in a sandboxed iframe,
+    where a script beside the file cannot be loaded."""
+    import html
+
+    sections = [
+        f"<h2>{html.escape(name.replace('_', ' '))}</h2>\n"
+        + figure.to_html(full_html=False, include_plotlyjs=index == 0, default_width="100%")
+        for index, (name, figure) in enumerate(figures.items())
+    ]
+    path.write_text(
+        f'<!DOCTYPE html>\n<html>\n<head><meta charset="utf-8"><title>{html.escape(title)}</title></head>\n'
+        f"<body>\n<h1>{html.escape(title)}</h1>\n" + "\n".join(sections) + "\n</body>\n</html>\n",
+        encoding="utf-8",
+    )
+    return path
 
 
 def _plot_options(spec: Spec, plot: str) -> dict[str, Any]:
@@ -134,7 +162,7 @@ def best_lines(study: optuna.Study, spec: Spec) -> list[str]:
             f"  trial {trial.number}: {values_text(spec, trial)}",
             "    " + "  ".join(f"{k}={_short(v)}" for k, v in trial.params.items()),
             f"    MLflow run {trial.user_attrs.get('mlflow_run_id', 'unknown')}",
-            f"    retrain: {retrain_command(trial)}",
+            f"    retrain: {retrain_command(trial, spec)}",
         ]
     return lines
 

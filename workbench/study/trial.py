@@ -1,32 +1,31 @@
 """One trial: its config composed through Hydra, trained by the shared trainer, reported every epoch.
 
-The MLflow child run gets the tags `study`, `trial_number`, `state` (RUNNING, then COMPLETE, PRUNED or
-FAIL) and `pruned_epoch`; the Optuna trial gets the user attributes `mlflow_run_id` and `overrides`
-(what `workbench study best` prints), and `error` when it failed.
+The MLflow child run, named `trial-<n>-<study>` (`... (pruned at epoch <e>)` once pruned), gets the tags
+`study`, `trial_number`, `state` (RUNNING, then COMPLETE, PRUNED or FAIL) and `pruned_epoch`; the Optuna
+trial gets the user attributes `mlflow_run_id` and `overrides` (what `workbench study best` prints), and
+`error` when it failed.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import shutil
-import socket
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-import mlflow
 import optuna
 from mlflow.tracking import MlflowClient
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 
 from workbench.config import redact
-from workbench.study import compose
+from workbench.study import compose, storage
 
 if TYPE_CHECKING:
     from workbench.study.lock import Lock
     from workbench.study.spec import Spec
+    from workbench.train import RunContext
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +46,11 @@ class Objective:
         # The trial now exists as RUNNING, so the budget counts it: other workers may ask for theirs.
         # Holding the lock from the budget check to here keeps the trial count exact with parallel
         # workers (Optuna's MaxTrialsCallback only checks after a trial ends, so workers overshoot).
+        # This worker first: a retry inherits the dead worker's, which storage.fail_stale_trials (run under
+        # the lock) would take for this trial's.
+        trial.set_user_attr("worker", storage.worker_identity())
         self.lock.release()
         trial.set_user_attr("launch_id", self.launch_id)
-        trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
         self.running = trial.number
         directory = checkpoint_dir(self.spec.name, trial.number)
         try:
@@ -71,40 +72,61 @@ class Objective:
         overrides = compose.trial_overrides(self.spec.base_overrides, self.user, params)
         trial.set_user_attr("overrides", [redact(o) for o in overrides])  # what `workbench study best` prints
         attempts = _dead_attempts(trial)
-        cfg = compose.compose([
-            *overrides,
+        cfg, context = _compose(overrides, [
             compose.assign("trainer.checkpoint_dir", str(directory)),
             compose.assign("trainer.resume", bool(attempts)),  # from scratch when no checkpoint is found
-            compose.assign("tracking.run_name", f"{self.spec.name}-trial-{trial.number}"),
+            # The number first: the MLflow UI's run-name column cuts long names short.
+            compose.assign("tracking.run_name", f"trial-{trial.number}-{self.spec.name}"),
         ])
-        tags = {
-            "study": self.spec.name,
-            "trial_number": str(trial.number),
-            "state": "RUNNING",
-            "overrides": " ".join(redact(o) for o in overrides),  # the retrain overrides, not the worker's
-        }
+        tags = {"study": self.spec.name, "trial_number": str(trial.number), "state": "RUNNING"}
         if attempts:
             tags["retry_of"] = str(attempts[0])
             _end_dead_run(trial)
             _take_over_checkpoint(trial.number, attempts, self.spec.name, directory, cfg.trainer.epochs)
-        return self._train(trial, cfg, tags)
+        return self._train(trial, cfg, context, tags)
 
-    def _train(self, trial: optuna.Trial, cfg: DictConfig, tags: dict[str, str]) -> float | tuple[float, ...]:
+    def _train(
+        self, trial: optuna.Trial, cfg: DictConfig, context: RunContext, tags: dict[str, str]
+    ) -> float | tuple[float, ...]:
         from workbench.train import train
 
         reporter = Reporter(trial, None if self.spec.multi_objective else self.spec.metrics[0], cfg.trainer.epochs)
-        before = _last_run_id()
+        started: list[str] = []
+
+        def on_run_start(run_id: str) -> None:
+            started.append(run_id)
+            trial.set_user_attr("mlflow_run_id", run_id)  # at once, so a retry finds the run if the worker dies
+
         try:
-            metrics = train(cfg, report=reporter, parent_run_id=self.parent_run_id, tags=tags)
+            result = train(
+                cfg, context, report=reporter, parent_run_id=self.parent_run_id, tags=tags, on_run_start=on_run_start
+            )
         except BaseException:
-            _finish(trial, before, "FAIL")
+            if started:
+                _finish(started[0], "FAIL")
             raise
         if reporter.pruned_epoch is not None:
-            _finish(trial, before, "PRUNED", pruned_epoch=str(reporter.pruned_epoch))
+            _finish(result.run_id, "PRUNED")
+            _name_pruned(result.run_id, cfg.tracking.run_name, reporter.pruned_epoch)
             raise optuna.TrialPruned(f"pruned after epoch {reporter.pruned_epoch}")
-        _finish(trial, before, "COMPLETE")
-        values = tuple(float(metrics[m]) for m in self.spec.metrics)
+        _finish(result.run_id, "COMPLETE")
+        values = tuple(float(result.metrics[m]) for m in self.spec.metrics)
         return values if self.spec.multi_objective else values[0]
+
+
+def _compose(overrides: list[str], run_control: list[str]) -> tuple[DictConfig, RunContext]:
+    """The trial's config, composed as `python run.py <overrides>` would compose it, and its run context:
+    the trial's own group choices and overrides (not the worker job's, which Hydra's globals describe)."""
+    from hydra import compose as hydra_compose
+
+    from workbench.train import RunContext
+
+    with compose.hydra_initialized():
+        cfg = hydra_compose("config", overrides=[*overrides, *run_control], return_hydra_config=True)
+    choices = {k: v for k, v in cfg.hydra.runtime.choices.items() if v is not None}
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg, RunContext(choices, list(overrides))
 
 
 class Reporter:
@@ -113,12 +135,8 @@ class Reporter:
     def __init__(self, trial: optuna.Trial, metric: str | None, epochs: int):
         self.trial, self.metric, self.epochs = trial, metric, epochs
         self.pruned_epoch: int | None = None
-        self._recorded = False
 
     def __call__(self, epoch: int, metrics: dict[str, float]) -> bool:
-        if not self._recorded:  # early, so a retry of this trial finds the run if the worker dies
-            self.trial.set_user_attr("mlflow_run_id", mlflow.active_run().info.run_id)
-            self._recorded = True
         if self.metric is None or self.metric not in metrics:
             return False
         self.trial.report(metrics[self.metric], epoch)
@@ -168,17 +186,14 @@ def _take_over_checkpoint(number: int, attempts: list[int], study_name: str, dir
         return
 
 
-def _last_run_id() -> str | None:
-    run = mlflow.last_active_run()
-    return run.info.run_id if run else None
+def _finish(run_id: str, state: str) -> None:
+    """Tag the trial's run with its final state."""
+    MlflowClient().set_tag(run_id, "state", state)
 
 
-def _finish(trial: optuna.Trial, before: str | None, state: str, **tags: Any) -> None:
-    """Tag the trial's run with its final state, if train got as far as starting one."""
-    run_id = _last_run_id()
-    if run_id is None or run_id == before:
-        return
-    trial.set_user_attr("mlflow_run_id", run_id)
+def _name_pruned(run_id: str, run_name: str, epoch: int) -> None:
+    """A pruned trial's run ends FINISHED, as a complete one's does: its name, which the runs table always
+    shows, says it was pruned (`trial-3-<study> (pruned at epoch 2)`)."""
     client = MlflowClient()
-    for key, value in {"state": state, **tags}.items():
-        client.set_tag(run_id, key, value)
+    client.set_tag(run_id, "pruned_epoch", str(epoch))
+    client.set_tag(run_id, "mlflow.runName", f"{run_name} (pruned at epoch {epoch})")
