@@ -10,6 +10,16 @@ import pytest
 from helpers import TrackingServer, serve_mlflow, throwaway_database
 
 
+@pytest.fixture(scope="session", autouse=True)
+def user_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The workbench's user cache (image-folder scans, the empty MLflow store it copies) in a folder of the
+    test session, shared by its tests and the CLI they start, never the user's own ~/.cache."""
+    folder = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(folder))
+        yield folder
+
+
 @pytest.fixture
 def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Run in an empty folder, so mlflow.db, checkpoints/ and outputs/ land there."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sqlite3
 import subprocess
 import sys
 import uuid
@@ -12,8 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
+import optuna
 import pytest
 from hydra import compose, initialize_config_dir
+from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,3 +123,47 @@ def serve_mlflow(folder: Path, *args: str, env: dict[str, str] | None = None) ->
         finally:
             server.terminate()
             server.wait(timeout=30)
+
+
+# --- studies: `python run.py --multirun study=...` on a SQLite storage in the test's folder ---------------
+
+STUDY = "lr_batch_decay_dropout"
+# Seconds per trial on a CPU: 16-pixel digits, 2 steps per epoch, 2 validation batches.
+SMALL = [
+    "trainer.steps_per_epoch=2", "trainer.batch_size=16", "model.input_size=16", "trainer.validation_steps=2",
+    "tracking.log_model=false", "tracking.checkpoints=none",
+]
+
+
+def multirun(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    return run_cli(["--multirun", *args], cwd=cwd, timeout=timeout)
+
+
+def workbench_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """The `workbench` console command."""
+    return subprocess.run(
+        [sys.executable, "-m", "workbench.cli", *args], cwd=cwd, env=cli_env(), capture_output=True, text=True,
+        timeout=120,
+    )
+
+
+def load_study(cwd: Path, name: str = STUDY) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{cwd / 'optuna.db'}")
+
+
+def trials_so_far(cwd: Path, name: str = STUDY) -> list[optuna.trial.FrozenTrial]:
+    """The trials of a study in progress; none before the launching process has created it. Opening the
+    storage before then would create the schema too, racing the launcher (one CREATE TABLE fails)."""
+    database = cwd / "optuna.db"
+    if not database.is_file():
+        return []
+    try:
+        with contextlib.closing(sqlite3.connect(database)) as connection:
+            found = connection.execute("SELECT 1 FROM studies WHERE study_name = ?", (name,)).fetchone()
+        return load_study(cwd, name).get_trials(deepcopy=False) if found else []
+    except (sqlite3.OperationalError, optuna.exceptions.StorageInternalError):  # no table yet, or locked
+        return []
+
+
+def metric_steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
