@@ -5,6 +5,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
+import sqlite3
+import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +29,7 @@ def configure(tracking_cfg: DictConfig) -> str:
     """Point MLflow at the configured store and experiment, creating them if need be; return the experiment id."""
     if tracking_cfg.uri:
         mlflow.set_tracking_uri(sqlalchemy_url(str(tracking_cfg.uri)))
+    _create_sqlite_store(mlflow.get_tracking_uri())
     try:
         # Runs name this id rather than rely on the active experiment: when parallel jobs create the
         # experiment at once, the one that loses the race gets it back but is left on Default (mlflow 3.17).
@@ -37,6 +41,60 @@ def configure(tracking_cfg: DictConfig) -> str:
             f"tracking.uri={redact(mlflow.get_tracking_uri())}: the server refused access ({exc.error_code}); "
             "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)"
         ) from None
+
+
+def _create_sqlite_store(uri: str) -> None:
+    """A new SQLite store is a copy of an empty one made once per MLflow version in the user's cache: MLflow
+    would otherwise run its schema migrations on each new file (2.5 s), and two runs started at once in a new
+    folder would both run them and one would fail (`duplicate column name`). A lock beside the file makes
+    the creation safe."""
+    from sqlalchemy.engine import make_url
+
+    from workbench.study.lock import FileLock
+
+    if not uri.startswith("sqlite:"):
+        return
+    database = make_url(uri).database
+    if not database or database == ":memory:" or Path(database).is_file():
+        return
+    path = Path(database).resolve()
+    lock = FileLock(path.with_name(path.name + ".lock"))
+    lock.acquire()
+    try:
+        if path.is_file():  # another process made it while this one waited
+            return
+        template = _empty_store()
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        shutil.copyfile(template, tmp)
+        with contextlib.closing(sqlite3.connect(tmp)) as db, db:
+            # The Default experiment's artifacts belong beside this store, as MLflow would have placed them.
+            db.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
+                       (str(Path.cwd() / "mlruns" / "0"),))
+        os.replace(tmp, path)
+    finally:
+        lock.release()
+
+
+def _empty_store() -> Path:
+    """The migrated, empty SQLite store of this MLflow version, made once in the user's cache folder."""
+    from workbench.study.lock import FileLock
+
+    folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "workbench"
+    template = folder / f"mlflow-{mlflow.__version__}.db"
+    if template.is_file():
+        return template
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(template.with_name(template.name + ".lock"))
+    lock.acquire()
+    try:
+        if not template.is_file():
+            tmp = template.with_name(f".{template.name}.{os.getpid()}.tmp")
+            tmp.unlink(missing_ok=True)
+            MlflowClient(f"sqlite:///{tmp}").search_experiments()  # creates and migrates the schema
+            os.replace(tmp, template)
+    finally:
+        lock.release()
+    return template
 
 
 def check_server(tracking_cfg: DictConfig) -> None:
@@ -87,7 +145,7 @@ def run(
         mlflow.set_tag("workbench.error", redact(f"{type(exc).__name__}: {exc}")[:5000])
         raise
     finally:
-        mlflow.flush_async_logging()
+        flush()
         mlflow.end_run(status)
 
 
@@ -153,9 +211,21 @@ def log_dataset(name: str, uri: str, digest: str, context: str = "training") -> 
         mlflow.log_input(dataset, context=context)
 
 
+_queued = threading.Event()  # epoch metrics wait in MLflow's queue
+
+
 def log_epoch(metrics: dict[str, float], epoch: int) -> None:
     """Per-epoch metrics, queued for a background thread so training never waits on the store."""
     mlflow.log_metrics(metrics, step=epoch, synchronous=False)
+    _queued.set()
+
+
+def flush() -> None:
+    """Wait until the queued epoch metrics are in the store. Only when some are queued: each flush of
+    MLflow's queue waits up to a second for its thread (mlflow 3.17), three of them a run did before."""
+    if _queued.is_set():
+        _queued.clear()
+        mlflow.flush_async_logging()
 
 
 def log_curves(run_id: str) -> None:
@@ -165,7 +235,7 @@ def log_curves(run_id: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    mlflow.flush_async_logging()
+    flush()
     client = MlflowClient()
     fig, axes = plt.subplots(1, len(CURVES), figsize=(5 * len(CURVES), 3.5))
     for ax, keys in zip(axes, CURVES):
@@ -192,6 +262,8 @@ def ui_hint(run_id: str) -> str:
 
 def log_model(model, size: int, num_classes: int) -> None:
     """The final model as an MLflow Keras model (`mlflow.keras.load_model` loads it)."""
+    from importlib.metadata import version
+
     import numpy as np
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
@@ -200,10 +272,12 @@ def log_model(model, size: int, num_classes: int) -> None:
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, size, size, 3), "images")]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, num_classes), "probabilities")]),
     )
-    mlflow.keras.log_model(model, name="model", signature=signature)
+    # The requirements are known: given, MLflow does not start its inference subprocess (tens of seconds).
+    pip = [f"{name}=={version(name)}" for name in ("keras", "tensorflow")]
+    mlflow.keras.log_model(model, name="model", signature=signature, pip_requirements=pip)
 
 
 def final_metrics(run_id: str) -> dict[str, float]:
     """The latest value of every metric of the run, as the MLflow UI shows it."""
-    mlflow.flush_async_logging()
+    flush()
     return dict(MlflowClient().get_run(run_id).data.metrics)
