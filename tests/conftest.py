@@ -40,3 +40,17 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tracking
     """One tracking server per test module: tests tell their runs apart by run id or experiment name."""
     with serve_mlflow(tmp_path_factory.mktemp("mlflow-server")) as server:
         yield server
+
+
+# Longest first: pytest-xdist hands out one file at a time in this order (--dist loadfile), so the long
+# files start at once and short ones fill the gaps, instead of a long file starting last.
+SLOW_FIRST = ("test_cluster", "test_mission", "test_study_resume", "test_study", "test_study_failures",
+              "test_trainer", "test_run", "test_resume", "test_stops", "test_context")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.stem
+        return SLOW_FIRST.index(name) if name in SLOW_FIRST else len(SLOW_FIRST)
+
+    items.sort(key=rank)  # stable: tests keep their order within a file

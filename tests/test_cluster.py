@@ -35,11 +35,11 @@ def _with_password(url: str) -> str:
     return url.replace("postgres@", f"postgres:{SECRET}@", 1)
 
 
-def _study_args(postgres_url: str, server: str, *extra: str) -> list[str]:
+def _study_args(postgres_url: str, server: str, *extra: str, workers: int = 4) -> list[str]:
     # A dead worker is found within seconds; the grace period leaves room for a loaded machine, where a
     # live worker's heartbeat can come late while TensorFlow starts in four processes at once.
     return [
-        "--multirun", f"study={STUDY}", "hydra/launcher=local_gpu", "study.workers=4",
+        "--multirun", f"study={STUDY}", "hydra/launcher=local_gpu", f"study.workers={workers}",
         f"study.storage={_with_password(postgres_url)}", f"tracking.uri={server}",
         "study.pruner.name=none", "study.heartbeat_interval=1", "study.grace_period=10", *SMALL, *extra,
     ]
@@ -143,8 +143,9 @@ def _wait_for_a_trial_after_epoch(
 def test_a_lost_worker_s_trial_resumes_elsewhere_from_its_checkpoint(
     workdir: Path, postgres_url: str, mlflow_server: TrackingServer, sig: signal.Signals
 ) -> None:
-    study_proc = _start(_study_args(postgres_url, mlflow_server.url, "study.n_trials=5", "trainer.epochs=6",
-                                    "study.pruner.name=none"), workdir)
+    # Two workers: the one left takes the lost trial over.
+    study_proc = _start(_study_args(postgres_url, mlflow_server.url, "study.n_trials=4", "trainer.epochs=6",
+                                    "study.pruner.name=none", workers=2), workdir)
     # A trial reports an epoch before it checkpoints it: once epoch 3 is reported, epoch 2 is saved.
     victim = _wait_for_a_trial_after_epoch(postgres_url, study_proc, epoch=3)
     os.kill(victim.user_attrs["worker"]["pid"], sig)
@@ -154,9 +155,9 @@ def test_a_lost_worker_s_trial_resumes_elsewhere_from_its_checkpoint(
     else:
         # submitit reports the killed job as failed and the sweep exits with an error, while the other
         # workers (separate processes) finish the study: wait for them.
-        _wait_until_done(postgres_url, 5)
+        _wait_until_done(postgres_url, 4)
 
-    trials = _check_study(_study(postgres_url), mlflow_server.url, n_trials=5)
+    trials = _check_study(_study(postgres_url), mlflow_server.url, n_trials=4)
     (retry,) = [t for t in trials if t.system_attrs.get("failed_trial") == victim.number]
     client = MlflowClient(mlflow_server.url)
     lost_run = client.get_run(victim.user_attrs["mlflow_run_id"])
