@@ -43,6 +43,8 @@ BAD_VALUES = [
     (["model=nasnet_large", "model.input_size=31"], "model.input_size", "at least 32"),
     (["model=inception_v3", "model.input_size=74"], "model.input_size", "at least 75"),
     (["data=image_folder"], "data.path", "one sub-folder per class"),
+    (["tracking.monitor=val_acc"], "tracking.monitor", "val_accuracy, val_loss"),
+    (["tracking.monitor_mode=up"], "tracking.monitor_mode", "auto, min, max"),
 ]
 
 

@@ -41,6 +41,9 @@ def test_default_job_learns_digits_and_records_everything(workdir: Path) -> None
     # The closing summary: run id, metrics and the command that opens the UI on this store.
     assert f"Run {run_id} FINISHED" in result.stdout
     assert f"mlflow ui --backend-store-uri {tracking_uri(workdir)}" in result.stdout
+    # ... and, past MLflow 3's GenAI overview, straight to the runs table, where the run has a readable name.
+    assert f"#/experiments/{run.info.experiment_id}/runs" in result.stdout
+    assert run.info.run_name.startswith("small_cnn-adam-"), run.info.run_name
 
     params = run.data.params
     assert params["model.name"] == "small_cnn" and params["optimizer.learning_rate"] == "0.001"

@@ -10,7 +10,7 @@ import keras
 import mlflow
 
 from workbench import tracking
-from workbench.checkpoints import CheckpointDir
+from workbench.checkpoints import CheckpointDir, State, improved, minimizes, save_rng
 
 # (epoch from 1, metrics) -> stop? Studies pass one that reports to the Optuna trial and answers whether
 # the pruner wants the trial stopped; training then ends normally after that epoch.
@@ -75,3 +75,35 @@ class MlflowEpochs(keras.callbacks.Callback):
         tracking.log_epoch({k: float(v) for k, v in (logs or {}).items()}, epoch + 1)
         if self.every_epoch is not None:
             mlflow.log_artifact(str(self.every_epoch.epoch_file(epoch + 1)), artifact_path="checkpoints")
+
+
+class Checkpointer(keras.callbacks.Callback):
+    """Writes last (and best) after every epoch, then the state that points at them.
+
+    Keras's ModelCheckpoint writes in place, so a kill mid-write corrupts the file; this writes atomically
+    and records the MLflow run id and epoch that resume needs.
+    """
+
+    def __init__(
+        self, directory: CheckpointDir, state: State, monitor: str, mode: str, keep_best: bool, keep_every: bool
+    ):
+        super().__init__()
+        self.dir, self.state, self.monitor = directory, state, monitor
+        self.minimize = minimizes(monitor, mode)
+        self.keep_best, self.keep_every = keep_best, keep_every
+        self.best_improved = False
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        logs = logs or {}
+        self.dir.save(self.model, self.dir.last)
+        if self.keep_every:
+            self.dir.copy_last(self.dir.epoch_file(epoch + 1))
+        value = logs.get(self.monitor)
+        self.best_improved = improved(value, self.state.best, self.minimize)
+        if self.best_improved:
+            self.state.best = float(value)
+            if self.keep_best:
+                self.dir.copy_last(self.dir.best)
+        self.state.epoch = epoch + 1
+        self.state.rng = save_rng(self.model)
+        self.dir.write_state(self.state)

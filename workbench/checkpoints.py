@@ -2,19 +2,29 @@
 
 A folder holds `last.keras` (model and optimizer state after the last finished epoch), optionally
 `best.keras`, and `state.json` (finished epochs, the MLflow run id, the best value so far). Every file is
-written to a temporary name and renamed, so an interrupted write never leaves a corrupt checkpoint.
+written to a temporary name and renamed, so an interrupted write never leaves a corrupt checkpoint. A run
+holds the folder's lock while it trains: a second run of the same config is refused, not left to overwrite
+the first one's files. No Keras import here: these checks come before TensorFlow loads.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
 import os
 import shutil
+import zipfile
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import keras
+from workbench.config import ConfigError
+
+if TYPE_CHECKING:
+    import keras
 
 
 @dataclass
@@ -38,6 +48,42 @@ class CheckpointDir:
     def read_state(self) -> State:
         return State(**json.loads(self.state_file.read_text()))
 
+    def resume_state(self) -> State:
+        """The state to resume from; ConfigError when the checkpoint was damaged (from outside: every write
+        here is atomic), saying how to start afresh."""
+        try:
+            state = self.read_state()
+            with zipfile.ZipFile(self.last) as archive:
+                damaged = archive.testzip()  # the first member whose data fails its checksum
+        except (OSError, ValueError, TypeError, zipfile.BadZipFile) as exc:
+            damaged = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        if damaged is not None:
+            raise ConfigError(
+                f"trainer.resume=true: the checkpoint in {self.path} is damaged ({damaged}); start afresh with "
+                f"trainer.resume=false, or delete {self.path}"
+            )
+        return state
+
+    @contextlib.contextmanager
+    def in_use(self) -> Iterator[None]:
+        """Hold the folder for one run; ConfigError at once when another process holds it."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                raise ConfigError(
+                    f"trainer.checkpoint_dir={self.path}: in use by process {holder} (a run of the same config); "
+                    "wait for it, or give another trainer.checkpoint_dir"
+                ) from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            yield
+        finally:
+            os.close(fd)  # releases the lock; the kernel does so too when the process dies
+
     def write_state(self, state: State) -> None:
         _atomic(self.state_file, lambda tmp: tmp.write_text(json.dumps(asdict(state))))
 
@@ -57,7 +103,7 @@ class CheckpointDir:
         self.state_file.unlink(missing_ok=True)
 
 
-def _atomic(target: Path, write) -> None:
+def _atomic(target: Path, write: Callable[[Path], object]) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.stem}.tmp{target.suffix}")
     write(tmp)
@@ -69,6 +115,8 @@ def _seed_states(model: keras.Model) -> list:
 
 
 def save_rng(model: keras.Model) -> list[list[int]]:
+    import keras
+
     return [keras.ops.convert_to_numpy(v).tolist() for v in _seed_states(model)]
 
 
@@ -78,39 +126,15 @@ def restore_rng(model: keras.Model, states: list[list[int]] | None) -> None:
         variable.assign(value)
 
 
-def improved(monitor: str, value: float, best: float | None) -> bool:
-    """Loss-like metrics improve downwards, everything else upwards."""
+def minimizes(monitor: str, mode: str) -> bool:
+    """Whether a lower `monitor` is better: `mode` min or max, or auto as Keras's callbacks read it (loss
+    metrics downwards, everything else upwards)."""
+    return mode == "min" or (mode == "auto" and monitor.endswith("loss"))
+
+
+def improved(value: float | None, best: float | None, minimize: bool) -> bool:
     if value is None or not math.isfinite(value):
         return False
     if best is None:
         return True
-    return value < best if monitor.endswith("loss") else value > best
-
-
-class Checkpointer(keras.callbacks.Callback):
-    """Writes last (and best) after every epoch, then the state that points at them.
-
-    Keras's ModelCheckpoint writes in place, so a kill mid-write corrupts the file; this writes atomically
-    and records the MLflow run id and epoch that resume needs.
-    """
-
-    def __init__(self, directory: CheckpointDir, state: State, monitor: str, keep_best: bool, keep_every: bool):
-        super().__init__()
-        self.dir, self.state, self.monitor = directory, state, monitor
-        self.keep_best, self.keep_every = keep_best, keep_every
-        self.best_improved = False
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        logs = logs or {}
-        self.dir.save(self.model, self.dir.last)
-        if self.keep_every:
-            self.dir.copy_last(self.dir.epoch_file(epoch + 1))
-        value = logs.get(self.monitor)
-        self.best_improved = improved(self.monitor, value, self.state.best)
-        if self.best_improved:
-            self.state.best = float(value)
-            if self.keep_best:
-                self.dir.copy_last(self.dir.best)
-        self.state.epoch = epoch + 1
-        self.state.rng = save_rng(self.model)
-        self.dir.write_state(self.state)
+    return value < best if minimize else value > best

@@ -27,6 +27,8 @@ DATASETS = ("digits", "image_folder", "synthetic")
 PRECISIONS = ("none", "bfloat16", "float16")
 STRATEGIES = ("none", "mirrored")
 CHECKPOINT_UPLOADS = ("none", "best", "last", "best_and_last", "every_epoch")
+# What picks the best checkpoint: the metrics Keras logs at every epoch end.
+MONITORED = ("val_accuracy", "val_loss", "val_top5_accuracy", "accuracy", "loss", "top5_accuracy")
 # The URI schemes MLflow has a tracking store for (mlflow.tracking._tracking_service.utils), besides paths.
 TRACKING_SCHEMES = ("file", "http", "https", "sqlite", "postgresql", "mysql", "mssql", "databricks", "databricks-uc", "uc")
 # Groups whose options are files: an unknown option gets a one-line error before Hydra's long one.
@@ -147,6 +149,8 @@ def validate(cfg: DictConfig) -> None:
     _one_of("trainer.distribute", trainer.distribute, STRATEGIES)
     _positive("trainer.gpus_per_job", trainer.gpus_per_job, integer=True)
     _one_of("tracking.checkpoints", tracking.checkpoints, CHECKPOINT_UPLOADS)
+    _one_of("tracking.monitor", tracking.monitor, MONITORED)
+    _one_of("tracking.monitor_mode", tracking.monitor_mode, ("auto", "min", "max"))
     _check_tracking_uri(tracking.uri)
 
 

@@ -8,6 +8,7 @@ import os
 import shutil
 import sqlite3
 import threading
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -125,10 +126,13 @@ def run(
 ) -> Iterator[mlflow.ActiveRun]:
     """Start (or continue, with run_id) a run in the experiment `configure` returned; end it FINISHED, FAILED
     or KILLED."""
+    name = tracking_cfg.run_name
+    if name is None and tags and {"model", "optimizer"} <= tags.keys():  # rather than MLflow's random words
+        name = f"{tags['model']}-{tags['optimizer']}-{time.strftime('%Y%m%d-%H%M%S')}"
     active = mlflow.start_run(
         run_id=run_id,
         experiment_id=None if run_id else experiment_id,
-        run_name=None if run_id else tracking_cfg.run_name,
+        run_name=None if run_id else name,
         parent_run_id=parent_run_id,
         tags=tags,
     )
@@ -252,12 +256,14 @@ def log_curves(run_id: str) -> None:
 
 
 def ui_hint(run_id: str) -> str:
-    """How to look at a run: the `mlflow ui` command for a database store, the page for a server."""
+    """How to look at a run: the experiment's runs table on a server, or the `mlflow ui` command for a
+    database store and then that table's address. The table, not the experiment: MLflow 3's UI opens an
+    experiment on its GenAI overview of traces, where a training run does not show."""
     uri = mlflow.get_tracking_uri()
+    experiment_id = MlflowClient().get_run(run_id).info.experiment_id
     if uri.startswith(("http://", "https://")):
-        run = MlflowClient().get_run(run_id)
-        return f"open {redact(uri.rstrip('/'))}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
-    return f"mlflow ui --backend-store-uri {redact(uri)}"
+        return f"open {redact(uri.rstrip('/'))}/#/experiments/{experiment_id}/runs"
+    return f"mlflow ui --backend-store-uri {redact(uri)}, then open http://127.0.0.1:5000/#/experiments/{experiment_id}/runs"
 
 
 def log_model(model, size: int, num_classes: int) -> None:

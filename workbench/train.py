@@ -16,6 +16,7 @@ import mlflow
 from omegaconf import DictConfig, OmegaConf
 
 from workbench import models, signals, sources, tracking
+from workbench.checkpoints import CheckpointDir, State
 from workbench.config import config_hash, redacted_yaml, validate
 
 if TYPE_CHECKING:  # TensorFlow loads only once the config and data have been checked
@@ -70,19 +71,31 @@ def train(
     size = models.input_size(cfg.model)
     source = sources.load(cfg.data, size)
     sources.check_batch_size(source, cfg.trainer.batch_size)
-    experiment_id = tracking.configure(cfg.tracking)  # a server that refuses us fails before TensorFlow loads
-
-    from workbench.checkpoints import CheckpointDir, State
-
     ckpt = CheckpointDir(checkpoint_dir(cfg))
+    with ckpt.in_use():  # a second run of the same config is refused here, before it writes anything
+        return _train(cfg, context, source, size, ckpt, report, parent_run_id, tags, on_run_start)
+
+
+def _train(
+    cfg: DictConfig,
+    context: RunContext,
+    source: sources.Source,
+    size: int,
+    ckpt: CheckpointDir,
+    report: ReportFn | None,
+    parent_run_id: str | None,
+    tags: dict[str, str] | None,
+    on_run_start: Callable[[str], None] | None,
+) -> Result:
     state = State()
     if cfg.trainer.resume and ckpt.exists():
-        state = ckpt.read_state()
+        state = ckpt.resume_state()
         log.info("Resuming from %s after epoch %d (MLflow run %s)", ckpt.path, state.epoch, state.run_id)
     else:
         if cfg.trainer.resume:
             log.info("No checkpoint in %s: starting from scratch", ckpt.path)
         ckpt.clear()
+    experiment_id = tracking.configure(cfg.tracking)  # a server that refuses us fails before TensorFlow loads
 
     with _keras_session(cfg.trainer) as strategy:
         model, pipelines = _prepare(cfg, source, size, ckpt, state, strategy)
@@ -149,8 +162,7 @@ def _prepare(cfg, source, size, ckpt, state, strategy):
 def _fit(cfg, model, pipelines, ckpt, state, report) -> None:
     import keras
 
-    from workbench.callbacks import EpochMetrics, MlflowEpochs, Report
-    from workbench.checkpoints import Checkpointer
+    from workbench.callbacks import Checkpointer, EpochMetrics, MlflowEpochs, Report
 
     uploads = cfg.tracking.checkpoints
     callbacks = [
@@ -159,7 +171,7 @@ def _fit(cfg, model, pipelines, ckpt, state, report) -> None:
         # epoch unreported; checkpoint before logging, so MLflow's epochs always have one to resume from.
         *([Report(report)] if report is not None else []),
         Checkpointer(
-            ckpt, state, cfg.tracking.monitor,
+            ckpt, state, cfg.tracking.monitor, cfg.tracking.monitor_mode,
             keep_best=uploads in ("best", "best_and_last"), keep_every=uploads == "every_epoch",
         ),
         MlflowEpochs(ckpt if uploads == "every_epoch" else None),
