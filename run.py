@@ -1,9 +1,9 @@
 """Train a Keras image classifier composed by Hydra, tracked in MLflow.
 
-    python run.py                                        # small_cnn on the built-in digits
-    python run.py model=nasnet_large optimizer=momentum  # any group option, any key: group.key=value
-    python run.py recipe=resnet50_imagenet data=image_folder data.path=~/images
-    python run.py --multirun model=resnet50,inception_v3 # a sweep; studies come with study=<name>
+python run.py                                        # small_cnn on the built-in digits
+python run.py model=nasnet_large optimizer=momentum  # any group option, any key: group.key=value
+python run.py recipe=resnet50_imagenet data=image_folder data.path=~/images
+python run.py --multirun model=resnet50,inception_v3 # a sweep; studies come with study=<name>
 """
 
 import sys

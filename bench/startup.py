@@ -60,11 +60,14 @@ def main() -> None:
         wall = statistics.median(w for w, _, _ in runs)
         cpu = statistics.median(c for _, c, _ in runs)
         note = f"  left behind: {', '.join(left)}" if left else ""
-        print(f"{wall:6.2f} s  python run.py {' '.join(command)}  "
-              f"(median of {args.repeat}; CPU {cpu:.2f} s; exit {status}){note}")
+        print(
+            f"{wall:6.2f} s  python run.py {' '.join(command)}  "
+            f"(median of {args.repeat}; CPU {cpu:.2f} s; exit {status}){note}"
+        )
         if status != expected:
-            wrong.append(f"python run.py {' '.join(command)}: exit {status}, expected {expected}:\n"
-                         + runs[-1][2].stderr[-2000:])
+            wrong.append(
+                f"python run.py {' '.join(command)}: exit {status}, expected {expected}:\n" + runs[-1][2].stderr[-2000:]
+            )
     if wrong:
         sys.exit("\n".join(wrong))
 

@@ -44,8 +44,15 @@ def main(overrides: list[str]) -> None:
         )
         ends: list[float] = []
         timer = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: ends.append(time.perf_counter()))
-        model.fit(pipes.train, epochs=cfg.trainer.epochs, steps_per_epoch=pipes.steps_per_epoch,
-                  validation_data=pipes.val, callbacks=[timer], verbose=0, shuffle=False)
+        model.fit(
+            pipes.train,
+            epochs=cfg.trainer.epochs,
+            steps_per_epoch=pipes.steps_per_epoch,
+            validation_data=pipes.val,
+            callbacks=[timer],
+            verbose=0,
+            shuffle=False,
+        )
         return _gaps(ends)
 
     def workbench() -> list[float]:

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from helpers import TrackingServer, serve_mlflow, throwaway_database
 
 
@@ -44,8 +45,18 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tracking
 
 # Longest first: pytest-xdist hands out one file at a time in this order (--dist loadfile), so the long
 # files start at once and short ones fill the gaps, instead of a long file starting last.
-SLOW_FIRST = ("test_cluster", "test_mission", "test_study_resume", "test_study", "test_study_failures",
-              "test_trainer", "test_run", "test_resume", "test_stops", "test_context")
+SLOW_FIRST = (
+    "test_cluster",
+    "test_mission",
+    "test_study_resume",
+    "test_study",
+    "test_study_failures",
+    "test_trainer",
+    "test_run",
+    "test_resume",
+    "test_stops",
+    "test_context",
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -35,7 +35,12 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 600, **popen) -> subpro
     """`python run.py <args>` in `cwd`, as a user would type it."""
     return subprocess.run(
         [sys.executable, str(ROOT / "run.py"), *args],
-        cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=timeout, **popen,
+        cwd=cwd,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **popen,
     )
 
 
@@ -100,11 +105,25 @@ def serve_mlflow(folder: Path, *args: str, env: dict[str, str] | None = None) ->
     # Its own database: MLflow and Optuna both keep an alembic_version table.
     with throwaway_database() as database, (folder / "server.log").open("w") as log:
         server = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server",
-             "--backend-store-uri", database.replace("postgresql://", "postgresql+psycopg://", 1),
-             "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-             "--workers", "1", *args],
-            stdout=log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--backend-store-uri",
+                database.replace("postgresql://", "postgresql+psycopg://", 1),
+                "--artifacts-destination",
+                str(folder / "artifacts"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+                *args,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
             # Its job runner (seven huey processes) serves MLflow's GenAI jobs, which the workbench never uses.
             env={**cli_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env or {})},
         )
@@ -116,7 +135,9 @@ def serve_mlflow(folder: Path, *args: str, env: dict[str, str] | None = None) ->
                 break
             except OSError:
                 if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"mlflow server did not start: {(folder / 'server.log').read_text()[-2000:]}")
+                    raise RuntimeError(
+                        f"mlflow server did not start: {(folder / 'server.log').read_text()[-2000:]}"
+                    ) from None
                 time.sleep(0.5)
         try:
             yield TrackingServer(url, folder / "artifacts")
@@ -130,8 +151,12 @@ def serve_mlflow(folder: Path, *args: str, env: dict[str, str] | None = None) ->
 STUDY = "lr_batch_decay_dropout"
 # Seconds per trial on a CPU: 16-pixel digits, 2 steps per epoch, 2 validation batches.
 SMALL = [
-    "trainer.steps_per_epoch=2", "trainer.batch_size=16", "model.input_size=16", "trainer.validation_steps=2",
-    "tracking.log_model=false", "tracking.checkpoints=none",
+    "trainer.steps_per_epoch=2",
+    "trainer.batch_size=16",
+    "model.input_size=16",
+    "trainer.validation_steps=2",
+    "tracking.log_model=false",
+    "tracking.checkpoints=none",
 ]
 
 
@@ -142,7 +167,11 @@ def multirun(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.Com
 def workbench_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     """The `workbench` console command."""
     return subprocess.run(
-        [sys.executable, "-m", "workbench.cli", *args], cwd=cwd, env=cli_env(), capture_output=True, text=True,
+        [sys.executable, "-m", "workbench.cli", *args],
+        cwd=cwd,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
         timeout=120,
     )
 

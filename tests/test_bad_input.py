@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import compose_config, run_cli, tracking_uri
 from PIL import Image
 
+from helpers import compose_config, run_cli, tracking_uri
 from workbench.config import ConfigError, validate
 
 # One subprocess each. Without TensorFlow an answer takes about a second; 15 s is far above that and far
@@ -136,14 +136,13 @@ def test_bad_value_is_refused_before_tensorflow_is_imported(
     result = run_cli(args, cwd=workdir, timeout=120)
     assert result.returncode == status, result.stderr[-2000:]
     assert expected in result.stdout + result.stderr
-    heavy = [
-        line for line in result.stderr.splitlines() if re.search(r"\|\s+(tensorflow|keras|mlflow|optuna)$", line)
-    ]
+    heavy = [line for line in result.stderr.splitlines() if re.search(r"\|\s+(tensorflow|keras|mlflow|optuna)$", line)]
     assert heavy == [], "the CLI imported " + ", ".join(line.rsplit("|", 1)[1].strip() for line in heavy)
 
 
 @pytest.mark.parametrize(
-    "args", [[], ["--multirun", "trainer.epochs=1,2"], ["--multirun", "study=lr_batch_decay_dropout"]],
+    "args",
+    [[], ["--multirun", "trainer.epochs=1,2"], ["--multirun", "study=lr_batch_decay_dropout"]],
     ids=["run", "grid", "study"],
 )
 def test_a_tracking_server_that_does_not_answer_is_refused_at_once(workdir: Path, args: list[str]) -> None:
@@ -160,10 +159,18 @@ def test_a_tracking_server_that_does_not_answer_is_refused_at_once(workdir: Path
 # --- keys the config does not have ---------------------------------------------------------------------
 
 UNKNOWN_KEYS = [
-    (["optimizer.learnin_rate=0.1"], "error: optimizer.learnin_rate: no such key; did you mean optimizer.learning_rate?"),
-    (["--multirun", "optimizer.learnin_rate=0.1,0.01"],
-     "error: optimizer.learnin_rate: no such key; did you mean optimizer.learning_rate?"),
-    (["optimzer.learning_rate=0.1"], "error: optimzer.learning_rate: no such key; did you mean optimizer.learning_rate?"),
+    (
+        ["optimizer.learnin_rate=0.1"],
+        "error: optimizer.learnin_rate: no such key; did you mean optimizer.learning_rate?",
+    ),
+    (
+        ["--multirun", "optimizer.learnin_rate=0.1,0.01"],
+        "error: optimizer.learnin_rate: no such key; did you mean optimizer.learning_rate?",
+    ),
+    (
+        ["optimzer.learning_rate=0.1"],
+        "error: optimzer.learning_rate: no such key; did you mean optimizer.learning_rate?",
+    ),
     (["~optimizer.clipnor"], "error: ~optimizer.clipnor: no such key; did you mean optimizer.clipnorm?"),
     # `+` adds a key nothing reads: refused, naming the keys the section has.
     (["+model.freeze_backbone=true"], "error: +model.freeze_backbone: no such key"),
@@ -255,9 +262,20 @@ def test_a_tracking_uri_mlflow_cannot_use_is_refused(workdir: Path) -> None:
 
 @pytest.mark.parametrize(
     "uri",
-    ["sqlite:///runs.db", "http://127.0.0.1:5000", "https://mlflow.example.com", "postgresql://u@h/db",
-     "postgresql+psycopg://u@h/db", "mysql://u@h/db", "mssql://u@h/db", "file:/tmp/mlruns", "./mlruns",
-     "/tmp/mlruns", "databricks", "databricks://profile"],
+    [
+        "sqlite:///runs.db",
+        "http://127.0.0.1:5000",
+        "https://mlflow.example.com",
+        "postgresql://u@h/db",
+        "postgresql+psycopg://u@h/db",
+        "mysql://u@h/db",
+        "mssql://u@h/db",
+        "file:/tmp/mlruns",
+        "./mlruns",
+        "/tmp/mlruns",
+        "databricks",
+        "databricks://profile",
+    ],
 )
 def test_tracking_uris_mlflow_supports_are_accepted(uri: str) -> None:
     validate(compose_config([f"tracking.uri='{uri}'"]))

@@ -8,7 +8,6 @@ import zipfile
 from pathlib import Path
 
 from helpers import TINY, run_cli
-
 from workbench.checkpoints import CheckpointDir
 
 

@@ -24,8 +24,13 @@ from helpers import ROOT, TINY, TrackingServer, cli_env, serve_mlflow
 
 STUDY = "lr_batch_decay_dropout"
 SMALL = [
-    "trainer.steps_per_epoch=3", "trainer.batch_size=16", "model.input_size=16", "trainer.validation_steps=2",
-    "tracking.log_model=false", "tracking.checkpoints=none", "trainer.deterministic=true",
+    "trainer.steps_per_epoch=3",
+    "trainer.batch_size=16",
+    "model.input_size=16",
+    "trainer.validation_steps=2",
+    "tracking.log_model=false",
+    "tracking.checkpoints=none",
+    "trainer.deterministic=true",
 ]
 SECRET = "pg-s3cret-pass"
 
@@ -39,16 +44,28 @@ def _study_args(postgres_url: str, server: str, *extra: str, workers: int = 4) -
     # A dead worker is found within seconds; the grace period leaves room for a loaded machine, where a
     # live worker's heartbeat can come late while TensorFlow starts in four processes at once.
     return [
-        "--multirun", f"study={STUDY}", "hydra/launcher=local_gpu", f"study.workers={workers}",
-        f"study.storage={_with_password(postgres_url)}", f"tracking.uri={server}",
-        "study.pruner.name=none", "study.heartbeat_interval=1", "study.grace_period=10", *SMALL, *extra,
+        "--multirun",
+        f"study={STUDY}",
+        "hydra/launcher=local_gpu",
+        f"study.workers={workers}",
+        f"study.storage={_with_password(postgres_url)}",
+        f"tracking.uri={server}",
+        "study.pruner.name=none",
+        "study.heartbeat_interval=1",
+        "study.grace_period=10",
+        *SMALL,
+        *extra,
     ]
 
 
 def _start(args: list[str], cwd: Path) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, env=cli_env(),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [sys.executable, str(ROOT / "run.py"), *args],
+        cwd=cwd,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
 
 
@@ -144,8 +161,12 @@ def test_a_lost_worker_s_trial_resumes_elsewhere_from_its_checkpoint(
     workdir: Path, postgres_url: str, mlflow_server: TrackingServer, sig: signal.Signals
 ) -> None:
     # Two workers: the one left takes the lost trial over.
-    study_proc = _start(_study_args(postgres_url, mlflow_server.url, "study.n_trials=4", "trainer.epochs=6",
-                                    "study.pruner.name=none", workers=2), workdir)
+    study_proc = _start(
+        _study_args(
+            postgres_url, mlflow_server.url, "study.n_trials=4", "trainer.epochs=6", "study.pruner.name=none", workers=2
+        ),
+        workdir,
+    )
     # A trial reports an epoch before it checkpoints it: once epoch 3 is reported, epoch 2 is saved.
     victim = _wait_for_a_trial_after_epoch(postgres_url, study_proc, epoch=3)
     os.kill(victim.user_attrs["worker"]["pid"], sig)
@@ -194,8 +215,16 @@ def test_parallel_jobs_that_create_the_experiment_all_log_into_it(mlflow_server:
     # MLflow leaves the loser of an experiment creation race on the Default experiment, where its run
     # would go missing, and fails the loser of a dataset creation race on the unique key.
     start = time.time() + 8
-    jobs = [subprocess.Popen([sys.executable, "-c", RACE, mlflow_server.url, str(start)], env=cli_env(),
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(6)]
+    jobs = [
+        subprocess.Popen(
+            [sys.executable, "-c", RACE, mlflow_server.url, str(start)],
+            env=cli_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(6)
+    ]
     for job in jobs:
         output, _ = job.communicate(timeout=120)
         assert job.returncode == 0, output
@@ -206,16 +235,31 @@ def test_parallel_jobs_that_create_the_experiment_all_log_into_it(mlflow_server:
 
 
 def test_a_grid_multirun_through_the_same_launcher(workdir: Path, mlflow_server: TrackingServer) -> None:
-    result = _start(["--multirun", "hydra/launcher=local_gpu", "hydra.launcher.gpus_per_node=2",
-                     "optimizer=adam,momentum", "model.dropout=0.0,0.3", f"tracking.uri={mlflow_server.url}",
-                     "tracking.experiment=grid", "trainer.epochs=1", *SMALL], workdir)
+    result = _start(
+        [
+            "--multirun",
+            "hydra/launcher=local_gpu",
+            "hydra.launcher.gpus_per_node=2",
+            "optimizer=adam,momentum",
+            "model.dropout=0.0,0.3",
+            f"tracking.uri={mlflow_server.url}",
+            "tracking.experiment=grid",
+            "trainer.epochs=1",
+            *SMALL,
+        ],
+        workdir,
+    )
     output, _ = result.communicate(timeout=900)
     assert result.returncode == 0, output[-4000:]
     client = MlflowClient(mlflow_server.url)
     runs = client.search_runs([client.get_experiment_by_name("grid").experiment_id])
     assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
     assert {(r.data.params["optimizer.name"], r.data.params["model.dropout"]) for r in runs} == {
-        ("adam", "0.0"), ("adam", "0.3"), ("momentum", "0.0"), ("momentum", "0.3")}
+        ("adam", "0.0"),
+        ("adam", "0.3"),
+        ("momentum", "0.0"),
+        ("momentum", "0.3"),
+    }
     # Two GPUs on the machine, one per job, by job number.
     assert sorted(r.data.tags["cuda_visible_devices"] for r in runs) == ["0", "0", "1", "1"]
 
@@ -231,11 +275,20 @@ def test_credentials_for_an_auth_enabled_server_come_from_the_environment(
         f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{folder / 'auth.db'}\n"
         "admin_username = admin\nauthorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
     )
-    auth = {"MLFLOW_AUTH_CONFIG_PATH": str(folder / "auth.ini"), "MLFLOW_AUTH_ADMIN_PASSWORD": MLFLOW_PASSWORD,
-            "MLFLOW_FLASK_SERVER_SECRET_KEY": "csrf-key-for-the-test"}
+    auth = {
+        "MLFLOW_AUTH_CONFIG_PATH": str(folder / "auth.ini"),
+        "MLFLOW_AUTH_ADMIN_PASSWORD": MLFLOW_PASSWORD,
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": "csrf-key-for-the-test",
+    }
     with serve_mlflow(folder, "--app-name", "basic-auth", env=auth) as server:
-        args = [sys.executable, str(ROOT / "run.py"), f"tracking.uri={server.url}", *TINY, "trainer.epochs=1",
-                "tracking.log_model=false"]
+        args = [
+            sys.executable,
+            str(ROOT / "run.py"),
+            f"tracking.uri={server.url}",
+            *TINY,
+            "trainer.epochs=1",
+            "tracking.log_model=false",
+        ]
         refused = subprocess.run(args, cwd=workdir, env=cli_env(), capture_output=True, text=True, timeout=300)
         lines = [line for line in refused.stderr.splitlines() if line.strip()]
         assert refused.returncode == 2 and len(lines) == 1, refused.stderr[-3000:]
@@ -243,8 +296,9 @@ def test_credentials_for_an_auth_enabled_server_come_from_the_environment(
         assert "MLFLOW_TRACKING_USERNAME" in lines[0]
 
         credentials = {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": MLFLOW_PASSWORD}
-        result = subprocess.run(args, cwd=workdir, env={**cli_env(), **credentials}, capture_output=True,
-                                text=True, timeout=300)
+        result = subprocess.run(
+            args, cwd=workdir, env={**cli_env(), **credentials}, capture_output=True, text=True, timeout=300
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         for name, value in credentials.items():
             monkeypatch.setenv(name, value)

@@ -11,8 +11,9 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from helpers import TINY, cli_env, run_cli, tracking_uri
 from mlflow.tracking import MlflowClient
+
+from helpers import TINY, cli_env, run_cli, tracking_uri
 
 STUDY = "lr_batch_decay_dropout"
 # The recipe sits in the study's base overrides, as in studies/nasnet_large_momentum.yaml; the rest keeps the
@@ -26,8 +27,14 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, optuna.trial.
     """One trial of a study whose base overrides select a recipe, and that trial."""
     cwd = tmp_path_factory.mktemp("context")
     result = run_cli(
-        ["--multirun", f"study={STUDY}", "study.n_trials=1", "study.pruner.name=none", f"study.base_overrides={BASE}",
-         *QUIET],
+        [
+            "--multirun",
+            f"study={STUDY}",
+            "study.n_trials=1",
+            "study.pruner.name=none",
+            f"study.base_overrides={BASE}",
+            *QUIET,
+        ],
         cwd=cwd,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -59,8 +66,13 @@ def test_a_trial_logs_its_own_recipe_and_overrides(study) -> None:
 def test_the_retrain_command_names_and_tags_its_run(study) -> None:
     cwd, trial = study
     best = subprocess.run(
-        [sys.executable, "-m", "workbench.cli", "study", "best", STUDY], cwd=cwd, env=cli_env(),
-        capture_output=True, text=True, timeout=120, check=False,
+        [sys.executable, "-m", "workbench.cli", "study", "best", STUDY],
+        cwd=cwd,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert best.returncode == 0, best.stderr
     command = shlex.split(best.stdout.strip())  # a shell command: the tags override is quoted

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import TINY, compose_config, run_cli, tracking_uri
 from PIL import Image
 
+from helpers import TINY, compose_config, run_cli, tracking_uri
 from workbench import sources
 
 CLASSES = ("cat", "dog", "hérisson")
@@ -146,7 +146,9 @@ def test_val_fraction_splits_each_class(tmp_path: Path) -> None:
         assert list(split.labels) == sorted(split.labels)
         assert split.files == sorted(split.files, key=lambda f: Path(f).parts)
     for files, labels in ((source.train.files, source.train.labels), (source.val.files, source.val.labels)):
-        assert [Path(f).relative_to(tmp_path / "images").parts[0] for f in files] == [source.class_names[i] for i in labels]
+        assert [Path(f).relative_to(tmp_path / "images").parts[0] for f in files] == [
+            source.class_names[i] for i in labels
+        ]
 
 
 def test_val_fraction_split_is_stable(tmp_path: Path) -> None:
@@ -154,7 +156,9 @@ def test_val_fraction_split_is_stable(tmp_path: Path) -> None:
 
     def split(root: Path) -> tuple[list[str], list[str]]:
         source = load(root, "data.val_fraction=0.25")
-        return [str(Path(f).relative_to(root)) for f in source.train.files], [str(Path(f).relative_to(root)) for f in source.val.files]
+        return [str(Path(f).relative_to(root)) for f in source.train.files], [
+            str(Path(f).relative_to(root)) for f in source.val.files
+        ]
 
     first = make_folder(tmp_path / "a")
     second = make_folder(tmp_path / "b", reverse=True)
@@ -176,4 +180,6 @@ def test_train_and_val_siblings(tmp_path: Path, val_name: str) -> None:
     assert all(Path(f).is_relative_to(root / val_name) for f in source.val.files)
     for label in range(len(CLASSES)):
         assert np.sum(source.train.labels == label) == 7 and np.sum(source.val.labels == label) == 2
-    assert [source.class_names[i] for i in source.val.labels] == [Path(f).relative_to(root / val_name).parts[0] for f in source.val.files]
+    assert [source.class_names[i] for i in source.val.labels] == [
+        Path(f).relative_to(root / val_name).parts[0] for f in source.val.files
+    ]

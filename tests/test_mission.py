@@ -11,8 +11,13 @@ from helpers import run_cli, tracking_uri
 
 # NASNetLarge at its smallest input on 2 CPU cores: most of the time is building and tracing its graph.
 SHRINK = [
-    "model.input_size=32", "trainer.epochs=1", "trainer.steps_per_epoch=1", "trainer.batch_size=4",
-    "trainer.validation_steps=1", "tracking.log_model=false", "tracking.checkpoints=none",
+    "model.input_size=32",
+    "trainer.epochs=1",
+    "trainer.steps_per_epoch=1",
+    "trainer.batch_size=4",
+    "trainer.validation_steps=1",
+    "tracking.log_model=false",
+    "tracking.checkpoints=none",
 ]
 
 

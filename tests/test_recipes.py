@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import CONF, compose_config, run_cli
 from omegaconf import DictConfig
 
+from helpers import CONF, compose_config, run_cli
 from workbench import models
 from workbench.config import ConfigError, validate
 from workbench.optim import build_optimizer
@@ -141,7 +141,12 @@ def test_command_line_beats_recipe() -> None:
     cfg = compose_config(["recipe=nasnet_large_imagenet", "optimizer.learning_rate=0.01", "trainer.batch_size=8"])
     assert cfg.optimizer.learning_rate == 0.01 and cfg.trainer.batch_size == 8
     # The rest of the recipe stays.
-    assert (cfg.model.name, cfg.model.dropout, cfg.trainer.epochs, cfg.optimizer.clipnorm) == ("nasnet_large", 0.5, 100, 10.0)
+    assert (cfg.model.name, cfg.model.dropout, cfg.trainer.epochs, cfg.optimizer.clipnorm) == (
+        "nasnet_large",
+        0.5,
+        100,
+        10.0,
+    )
     opt = optimizer_for(cfg)
     assert lr_at(opt, 0) == approx(0.01)
     assert lr_at(opt, 240) == approx(0.01 * 0.97)

@@ -22,8 +22,12 @@ COMPARED = ("loss", "accuracy", "val_loss", "val_accuracy", "val_top5_accuracy",
 def _interrupt_after_epoch(cwd: Path, epoch: int) -> int:
     """Start the run, SIGTERM it once the epoch checkpoint records `epoch` finished epochs."""
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "run.py"), *ARGS], cwd=cwd, env=cli_env(),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [sys.executable, str(ROOT / "run.py"), *ARGS],
+        cwd=cwd,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
@@ -70,8 +74,16 @@ def test_resume_continues_the_same_run_to_the_same_metrics(tmp_path: Path) -> No
 
 
 def test_resume_without_a_checkpoint_starts_fresh(workdir: Path) -> None:
-    result = run_cli(["trainer.epochs=1", "trainer.steps_per_epoch=2", "model.input_size=16",
-                      "trainer.resume=true", "tracking.log_model=false"], cwd=workdir)
+    result = run_cli(
+        [
+            "trainer.epochs=1",
+            "trainer.steps_per_epoch=2",
+            "model.input_size=16",
+            "trainer.resume=true",
+            "tracking.log_model=false",
+        ],
+        cwd=workdir,
+    )
     assert result.returncode == 0, result.stderr
     assert "No checkpoint in" in result.stdout + result.stderr
     _, run = _only_run(workdir)

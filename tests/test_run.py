@@ -11,8 +11,15 @@ from mlflow.tracking import MlflowClient
 from helpers import ROOT, TINY, run_cli, tracking_uri
 
 EPOCH_METRICS = {
-    "loss", "accuracy", "top5_accuracy", "val_loss", "val_accuracy", "val_top5_accuracy",
-    "learning_rate", "epoch_seconds", "images_per_second",
+    "loss",
+    "accuracy",
+    "top5_accuracy",
+    "val_loss",
+    "val_accuracy",
+    "val_top5_accuracy",
+    "learning_rate",
+    "epoch_seconds",
+    "images_per_second",
 }
 
 
@@ -49,15 +56,26 @@ def test_default_job_learns_digits_and_records_everything(workdir: Path) -> None
     assert params["model.name"] == "small_cnn" and params["optimizer.learning_rate"] == "0.001"
     assert params["trainer.epochs"] == "10" and "trainer.resume" not in params
     tags = run.data.tags
-    assert (tags["model"], tags["optimizer"], tags["schedule"], tags["recipe"]) == ("small_cnn", "adam", "cosine", "none")
+    assert (tags["model"], tags["optimizer"], tags["schedule"], tags["recipe"]) == (
+        "small_cnn",
+        "adam",
+        "cosine",
+        "none",
+    )
 
     for key in EPOCH_METRICS:
         assert [m.step for m in client.get_metric_history(run_id, key)] == list(range(1, 11)), key
     assert run.data.metrics["parameters"] > 0
 
     artifacts = _artifacts(client, run_id)
-    assert {"config/config.yaml", "config/hydra.yaml", "config/overrides.yaml",
-            "checkpoints/best.keras", "checkpoints/last.keras", "training_curves.png"} <= artifacts
+    assert {
+        "config/config.yaml",
+        "config/hydra.yaml",
+        "config/overrides.yaml",
+        "checkpoints/best.keras",
+        "checkpoints/last.keras",
+        "training_curves.png",
+    } <= artifacts
     assert run.inputs.dataset_inputs[0].dataset.name == "digits"
 
     model = mlflow.keras.load_model(f"runs:/{run_id}/model")
@@ -85,8 +103,13 @@ def test_secrets_never_reach_mlflow_or_the_console(workdir: Path) -> None:
     # secret-named value in the job's environment (Hydra's env_set), which the overrides tag and the
     # config artifacts carry.
     result = run_cli(
-        [*TINY, "tracking.log_model=false", f"tracking.tags={{db_url: 'postgresql://wb:{secret}@db/optuna', api_token: {secret}}}",
-         f"+hydra.job.env_set.API_TOKEN={secret}", f"tracking.uri={uri}"],
+        [
+            *TINY,
+            "tracking.log_model=false",
+            f"tracking.tags={{db_url: 'postgresql://wb:{secret}@db/optuna', api_token: {secret}}}",
+            f"+hydra.job.env_set.API_TOKEN={secret}",
+            f"tracking.uri={uri}",
+        ],
         cwd=workdir,
     )
     assert result.returncode == 0, result.stderr
@@ -104,8 +127,16 @@ def test_secrets_never_reach_mlflow_or_the_console(workdir: Path) -> None:
 
 def test_a_failing_run_ends_failed_with_the_reason(workdir: Path) -> None:
     # A learning rate this large makes the loss diverge: the run must end FAILED, not RUNNING.
-    result = run_cli([*TINY, "optimizer=momentum", "optimizer.learning_rate=1.0e+12", "trainer.epochs=3",
-                      "tracking.log_model=false"], cwd=workdir)
+    result = run_cli(
+        [
+            *TINY,
+            "optimizer=momentum",
+            "optimizer.learning_rate=1.0e+12",
+            "trainer.epochs=3",
+            "tracking.log_model=false",
+        ],
+        cwd=workdir,
+    )
     assert result.returncode != 0
     _, (run,) = _runs(workdir)
     assert run.info.status == "FAILED"

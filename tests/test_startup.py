@@ -24,7 +24,9 @@ def test_help_lists_every_group_and_its_options(workdir: Path) -> None:
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     groups = conf_groups()
-    assert {"model", "optimizer", "schedule", "augmentation", "data", "trainer", "tracking", "recipe", "study"} <= set(groups)
+    assert {"model", "optimizer", "schedule", "augmentation", "data", "trainer", "tracking", "recipe", "study"} <= set(
+        groups
+    )
     for group, options in groups.items():
         assert f"{group}: {', '.join(options)}" in lines, f"--help misses {group}: {', '.join(options)}"
     assert not [line for line in lines if line.startswith("hydra/")], "Hydra's own groups belong to --hydra-help"
@@ -50,7 +52,12 @@ def test_startup_benchmark_runs(tmp_path: Path) -> None:
     # One repetition: the benchmark's own checks (exit statuses) are what is tested, not its timings.
     result = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "startup.py"), "--repeat", "1"],
-        cwd=tmp_path, env=cli_env(), capture_output=True, text=True, check=False, timeout=300,
+        cwd=tmp_path,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()

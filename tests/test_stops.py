@@ -90,8 +90,16 @@ def test_a_stop_signal_ends_a_run_killed_in_one_line_with_how_to_continue(workdi
 
 def test_ctrl_c_stops_parallel_workers_cleanly(workdir: Path) -> None:
     """Ctrl-C in a terminal signals the whole process group: the launcher and each joblib worker."""
-    args = [f"study={STUDY}", "study.n_trials=2", "study.workers=2", "hydra/launcher=joblib",
-            "hydra.launcher.n_jobs=2", "trainer.epochs=400", "study.pruner.name=none", *SMALL]
+    args = [
+        f"study={STUDY}",
+        "study.n_trials=2",
+        "study.workers=2",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "trainer.epochs=400",
+        "study.pruner.name=none",
+        *SMALL,
+    ]
     process = _start(["run.py", "--multirun", *args], workdir, start_new_session=True)
 
     def both_training() -> bool:
@@ -125,8 +133,12 @@ def test_ctrl_c_stops_parallel_workers_cleanly(workdir: Path) -> None:
 def _start(args: list[str], cwd: Path, **popen) -> subprocess.Popen:
     with open(cwd / "output.txt", "w") as output:
         return subprocess.Popen(
-            [sys.executable, str(ROOT / args[0]), *args[1:]], cwd=cwd, env=cli_env(),
-            stdout=output, stderr=subprocess.STDOUT, **popen,
+            [sys.executable, str(ROOT / args[0]), *args[1:]],
+            cwd=cwd,
+            env=cli_env(),
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            **popen,
         )
 
 

@@ -7,8 +7,9 @@ import sys
 import time
 from pathlib import Path
 
-from helpers import cli_env, tracking_uri
 from mlflow.tracking import MlflowClient
+
+from helpers import cli_env, tracking_uri
 
 CONFIGURE = """
 import sys, time
@@ -24,8 +25,14 @@ def test_processes_that_create_the_store_at_once_all_use_it(workdir: Path, tmp_p
     env = {**cli_env(), "XDG_CACHE_HOME": str(tmp_path_factory.mktemp("fresh-cache"))}
     start = time.time() + 6
     jobs = [
-        subprocess.Popen([sys.executable, "-c", CONFIGURE, str(start)], cwd=workdir, env=env, text=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        subprocess.Popen(
+            [sys.executable, "-c", CONFIGURE, str(start)],
+            cwd=workdir,
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         for _ in range(4)
     ]
     outputs = [job.communicate(timeout=120)[0] for job in jobs]

@@ -14,6 +14,9 @@ from pathlib import Path
 
 import optuna
 import pytest
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
 from helpers import (
     ROOT,
     SMALL,
@@ -26,8 +29,6 @@ from helpers import (
     trials_so_far,
     workbench_cli,
 )
-from mlflow.tracking import MlflowClient
-from optuna.trial import TrialState
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -46,8 +47,13 @@ def hyperband(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subproces
     worker's resident memory (MB) by trials finished: the basic launcher runs it in the launching process."""
     cwd = tmp_path_factory.mktemp("hyperband")
     args = [
-        f"study={STUDY}", "study.n_trials=8", "study.metric=val_loss", "study.direction=minimize",
-        "trainer.epochs=4", "trainer.deterministic=true", *SMALL,
+        f"study={STUDY}",
+        "study.n_trials=8",
+        "study.metric=val_loss",
+        "study.direction=minimize",
+        "trainer.epochs=4",
+        "trainer.deterministic=true",
+        *SMALL,
     ]
     command = [sys.executable, str(ROOT / "run.py"), "--multirun", *args]
     with open(cwd / "stdout.txt", "w") as out, open(cwd / "stderr.txt", "w") as err:
@@ -57,9 +63,9 @@ def hyperband(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subproces
             finished = sum(t.state in FINISHED for t in trials_so_far(cwd))
             memory.setdefault(finished, _rss_mb(process.pid))
             time.sleep(0.5)
-    result = subprocess.CompletedProcess(command, process.returncode, *(
-        (cwd / name).read_text() for name in ("stdout.txt", "stderr.txt")
-    ))
+    result = subprocess.CompletedProcess(
+        command, process.returncode, *((cwd / name).read_text() for name in ("stdout.txt", "stderr.txt"))
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return cwd, result, memory
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import optuna
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
 from helpers import (
     SMALL,
     STUDY,
@@ -13,8 +16,6 @@ from helpers import (
     tracking_uri,
     workbench_cli,
 )
-from mlflow.tracking import MlflowClient
-from optuna.trial import TrialState
 
 
 def states(study: optuna.Study) -> list[TrialState]:
@@ -27,8 +28,11 @@ def states(study: optuna.Study) -> list[TrialState]:
 def test_a_trial_that_raises_does_not_stop_the_study(workdir: Path) -> None:
     # A batch larger than the 1,437 training images makes the trainer raise for half the draws.
     args = [
-        f"study={STUDY}", "study.n_trials=2", "study.params={trainer.batch_size:{choices:[16,4096]}}",
-        "trainer.epochs=2", *SMALL,
+        f"study={STUDY}",
+        "study.n_trials=2",
+        "study.params={trainer.batch_size:{choices:[16,4096]}}",
+        "trainer.epochs=2",
+        *SMALL,
     ]
     result = multirun(args, workdir)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -42,7 +46,11 @@ def test_a_trial_that_raises_does_not_stop_the_study(workdir: Path) -> None:
 
 def test_diverging_trials_fail_with_the_reason_and_stop_the_study(workdir: Path) -> None:
     args = [
-        f"study={STUDY}", "study.n_trials=3", "study.max_failures=2", "trainer.epochs=2", *SMALL,
+        f"study={STUDY}",
+        "study.n_trials=3",
+        "study.max_failures=2",
+        "trainer.epochs=2",
+        *SMALL,
         "study.params={optimizer.learning_rate:{low:1.0e+20,high:1.0e+30}}",  # the loss goes NaN
     ]
     result = multirun(args, workdir)
@@ -62,8 +70,12 @@ def test_diverging_trials_fail_with_the_reason_and_stop_the_study(workdir: Path)
 def test_multi_objective_study_reports_its_pareto_front(workdir: Path) -> None:
     name = "accuracy_vs_size"
     args = [
-        f"study={name}", "study.n_trials=2", "study.params={model:{choices:[small_cnn,mobilenet_v2]}}",
-        "trainer.epochs=1", *SMALL, "model.input_size=32",
+        f"study={name}",
+        "study.n_trials=2",
+        "study.params={model:{choices:[small_cnn,mobilenet_v2]}}",
+        "trainer.epochs=1",
+        *SMALL,
+        "model.input_size=32",
     ]
     result = multirun(args, workdir)
     assert result.returncode == 0, result.stderr[-3000:]

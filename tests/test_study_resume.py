@@ -10,6 +10,9 @@ import sys
 import time
 from pathlib import Path
 
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
 from helpers import (
     ROOT,
     SMALL,
@@ -21,8 +24,6 @@ from helpers import (
     tracking_uri,
     trials_so_far,
 )
-from mlflow.tracking import MlflowClient
-from optuna.trial import TrialState
 
 # --- budget, resume and workers ---------------------------------------------------------------------
 
@@ -77,8 +78,14 @@ def _training_third_trial(cwd: Path) -> bool:
 
 def test_two_parallel_workers_share_the_budget_exactly(workdir: Path) -> None:
     args = [
-        f"study={STUDY}", "study.n_trials=4", "study.workers=2", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
-        "study.pruner.name=none", "trainer.epochs=2", *SMALL,
+        f"study={STUDY}",
+        "study.n_trials=4",
+        "study.workers=2",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "study.pruner.name=none",
+        "trainer.epochs=2",
+        *SMALL,
     ]
     result = multirun(args, workdir)
     assert result.returncode == 0, result.stderr[-3000:]

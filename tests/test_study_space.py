@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, cli_env, run_cli
 
+from helpers import ROOT, cli_env, run_cli
 from workbench.study import compose, preflight
 from workbench.study.spec import Spec
 

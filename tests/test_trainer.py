@@ -78,7 +78,7 @@ def test_fine_tune_from_a_checkpoint_keeps_the_backbone_and_renews_the_classifie
 
     cfg = compose_config([*TINY, f"model.weights={checkpoint}"])
     tuned = models.build(cfg.model, num_classes=4)
-    for a, b in zip(source.get_layer("backbone").get_weights(), tuned.get_layer("backbone").get_weights()):
+    for a, b in zip(source.get_layer("backbone").get_weights(), tuned.get_layer("backbone").get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
     assert tuned.get_layer("classifier").get_weights()[0].shape[-1] == 4  # a new, re-initialised head
     train(compose_config([*QUIET, f"model.weights={checkpoint}", "optimizer.learning_rate=0.0001"]))

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import compose_config, run_cli
 from PIL import Image
 from test_image_folder import corrupt_jpeg, jpeg_bytes, truncated_jpeg
 
+from helpers import compose_config, run_cli
 from workbench import readable, sources
 
 

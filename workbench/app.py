@@ -69,7 +69,9 @@ def _stopped(cfg: DictConfig) -> NoReturn:
     done = json.loads(state.read_text())["epoch"] if state.is_file() else 0
     if done:
         command = " ".join(["python run.py", *(shlex.quote(redact(o)) for o in kept), "trainer.resume=true"])
-        print(f"stopped by {name} after epoch {done} of {cfg.trainer.epochs}; continue with: {command}", file=sys.stderr)
+        print(
+            f"stopped by {name} after epoch {done} of {cfg.trainer.epochs}; continue with: {command}", file=sys.stderr
+        )
     else:
         command = " ".join(["python run.py", *(shlex.quote(redact(o)) for o in kept)])
         print(f"stopped by {name} before the first epoch ended; start again with: {command}", file=sys.stderr)

@@ -29,9 +29,9 @@ if TYPE_CHECKING:
 
 @dataclass
 class State:
-    epoch: int = 0               # epochs finished
-    run_id: str | None = None    # the MLflow run to continue
-    best: float | None = None    # best monitored value so far
+    epoch: int = 0  # epochs finished
+    run_id: str | None = None  # the MLflow run to continue
+    best: float | None = None  # best monitored value so far
     rng: list[list[int]] | None = None  # seed-generator states (dropout masks), which .keras files omit
 
 
@@ -122,7 +122,7 @@ def save_rng(model: keras.Model) -> list[list[int]]:
 
 def restore_rng(model: keras.Model, states: list[list[int]] | None) -> None:
     """Put dropout's random streams back where they were, so a resumed run draws the same masks."""
-    for variable, value in zip(_seed_states(model), states or []):
+    for variable, value in zip(_seed_states(model), states or [], strict=False):
         variable.assign(value)
 
 

@@ -30,7 +30,18 @@ CHECKPOINT_UPLOADS = ("none", "best", "last", "best_and_last", "every_epoch")
 # What picks the best checkpoint: the metrics Keras logs at every epoch end.
 MONITORED = ("val_accuracy", "val_loss", "val_top5_accuracy", "accuracy", "loss", "top5_accuracy")
 # The URI schemes MLflow has a tracking store for (mlflow.tracking._tracking_service.utils), besides paths.
-TRACKING_SCHEMES = ("file", "http", "https", "sqlite", "postgresql", "mysql", "mssql", "databricks", "databricks-uc", "uc")
+TRACKING_SCHEMES = (
+    "file",
+    "http",
+    "https",
+    "sqlite",
+    "postgresql",
+    "mysql",
+    "mssql",
+    "databricks",
+    "databricks-uc",
+    "uc",
+)
 # Groups whose options are files: an unknown option gets a one-line error before Hydra's long one.
 CHOICE_GROUPS = ("model", "optimizer", "schedule", "augmentation", "data", "recipe", "trainer", "tracking", "study")
 # Keys that steer a run but do not change what it computes: excluded from the config hash and params.
@@ -127,9 +138,22 @@ def validate(cfg: DictConfig) -> None:
     if "epochs_per_decay" in sched:
         _positive("schedule.epochs_per_decay", sched.epochs_per_decay)
     if "warmup_epochs" in sched:
-        _in_range("schedule.warmup_epochs", sched.warmup_epochs, 0.0, trainer.epochs, f"in [0, trainer.epochs={trainer.epochs})", closed_high=False)
+        _in_range(
+            "schedule.warmup_epochs",
+            sched.warmup_epochs,
+            0.0,
+            trainer.epochs,
+            f"in [0, trainer.epochs={trainer.epochs})",
+            closed_high=False,
+        )
     if "min_learning_rate" in sched:
-        _in_range("schedule.min_learning_rate", sched.min_learning_rate, 0.0, opt.learning_rate, "in [0, optimizer.learning_rate]")
+        _in_range(
+            "schedule.min_learning_rate",
+            sched.min_learning_rate,
+            0.0,
+            opt.learning_rate,
+            "in [0, optimizer.learning_rate]",
+        )
     if "boundaries_epochs" in sched:
         bounds = list(sched.boundaries_epochs)
         if not bounds or any(b <= 0 for b in bounds) or bounds != sorted(set(bounds)):
@@ -138,7 +162,9 @@ def validate(cfg: DictConfig) -> None:
     _one_of("augmentation.name", cfg.augmentation.name, AUGMENTATIONS)
     _one_of("data.name", cfg.data.name, DATASETS)
     if "val_fraction" in cfg.data:
-        _in_range("data.val_fraction", cfg.data.val_fraction, 0.0, 1.0, "in (0, 1)", closed_low=False, closed_high=False)
+        _in_range(
+            "data.val_fraction", cfg.data.val_fraction, 0.0, 1.0, "in (0, 1)", closed_low=False, closed_high=False
+        )
 
     _positive("trainer.batch_size", trainer.batch_size, integer=True)
     for key in ("steps_per_epoch", "validation_steps"):
@@ -250,8 +276,13 @@ def _positive(key: str, value: Any, integer: bool = False) -> None:
 
 
 def _in_range(
-    key: str, value: Any, low: float, high: float, allowed: str,
-    closed_low: bool = True, closed_high: bool = True,
+    key: str,
+    value: Any,
+    low: float,
+    high: float,
+    allowed: str,
+    closed_low: bool = True,
+    closed_high: bool = True,
 ) -> None:
     v = _number(key, value)
     above = v >= low if closed_low else v > low
@@ -266,7 +297,9 @@ _SECRET_WORDS = r"(?:password|passwd|secret|token|api_key|apikey|credential)"
 _SECRET_KEY = re.compile(_SECRET_WORDS, re.IGNORECASE)
 _URL_PASSWORD = re.compile(r"(?P<keep>[a-zA-Z][a-zA-Z0-9+.\-]*://[^:/@\s]+:)[^@\s]+(?=@)")
 # `db_password=...`, `api_token: ...` inside overrides, joined override strings and YAML lines.
-_SECRET_VALUE = re.compile(rf"(?P<keep>[\w.+~-]*{_SECRET_WORDS}[\w.-]*[ \t]*[=:][ \t]*)(?!null\b)[^,\s}}\]]+", re.IGNORECASE)
+_SECRET_VALUE = re.compile(
+    rf"(?P<keep>[\w.+~-]*{_SECRET_WORDS}[\w.-]*[ \t]*[=:][ \t]*)(?!null\b)[^,\s}}\]]+", re.IGNORECASE
+)
 REDACTED = "***"
 
 
@@ -300,9 +333,7 @@ def redacted_yaml(cfg: DictConfig | ListConfig, resolve: bool = True) -> str:
 
 def _redacted(value: Any) -> Any:
     if isinstance(value, Mapping):
-        return {
-            k: REDACTED if _SECRET_KEY.search(str(k)) and v is not None else _redacted(v) for k, v in value.items()
-        }
+        return {k: REDACTED if _SECRET_KEY.search(str(k)) and v is not None else _redacted(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_redacted(v) for v in value]
     return redact(value) if isinstance(value, str) else value

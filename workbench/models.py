@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class Architecture:
     application: str | None  # the keras.applications constructor; None for small_cnn
-    module: str | None       # the keras.applications module that holds its preprocess_input
+    module: str | None  # the keras.applications module that holds its preprocess_input
     native_size: int
     min_size: int
 

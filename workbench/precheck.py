@@ -98,19 +98,21 @@ def help_text(overrides: Sequence[str], conf: Path) -> str:
     with _hydra(conf):
         cfg = _compose(list(overrides))
     groups = "\n".join(f"{group}: {', '.join(options)}" for group, options in config_groups(conf).items())
-    return "\n".join([
-        cfg.hydra.help.header,
-        "== Configuration groups ==",
-        "Compose your configuration from those groups (group=option)",
-        "",
-        groups,
-        "",
-        "== Config ==",
-        "Override anything in the config (foo.bar=value)",
-        "",
-        OmegaConf.to_yaml(_without_hydra(cfg)),
-        cfg.hydra.help.footer,
-    ])
+    return "\n".join(
+        [
+            cfg.hydra.help.header,
+            "== Configuration groups ==",
+            "Compose your configuration from those groups (group=option)",
+            "",
+            groups,
+            "",
+            "== Config ==",
+            "Override anything in the config (foo.bar=value)",
+            "",
+            OmegaConf.to_yaml(_without_hydra(cfg)),
+            cfg.hydra.help.footer,
+        ]
+    )
 
 
 def config_groups(conf: Path, parent: str = "") -> dict[str, list[str]]:
@@ -147,8 +149,11 @@ def _compose(overrides: list[str]) -> DictConfig:
 def _shapes_composition(override: Override, conf: Path) -> bool:
     key = override.key_or_group
     return (
-        key == "hydra" or key.startswith(("hydra.", "hydra/")) or override.package is not None
-        or "/" in key or (conf / key).is_dir()
+        key == "hydra"
+        or key.startswith(("hydra.", "hydra/"))
+        or override.package is not None
+        or "/" in key
+        or (conf / key).is_dir()
     )
 
 

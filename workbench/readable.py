@@ -54,7 +54,7 @@ def check(root: Path, files: Iterable[Path]) -> dict[Path, str | None]:
     if todo:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         with ThreadPoolExecutor(max_workers=min(len(todo), 2 * cores)) as pool:  # reads overlap decoding
-            answers.update(zip(todo, pool.map(why_unreadable, todo)))
+            answers.update(zip(todo, pool.map(why_unreadable, todo), strict=True))
         # What the file holds is cached, not a read error (a permission fixed later changes no mtime).
         # Other entries stay: a scan of train/ alone must not forget val/.
         fresh = {_key(root, p): [*stats[p], answers[p]] for p in todo if not str(answers[p]).startswith(_READ_ERROR)}
@@ -86,7 +86,7 @@ def why_unreadable(path: Path) -> str | None:
         return NOT_AN_IMAGE
     except OSError as exc:
         return f"{_READ_ERROR}{exc.strerror}" if exc.strerror else f"cannot decode: {_one_line(exc)}"
-    except Exception as exc:  # noqa: BLE001 (Pillow raises SyntaxError, ValueError, struct.error... on broken files)
+    except Exception as exc:
         return f"cannot decode: {_one_line(exc)}"
     return None
 

@@ -43,8 +43,8 @@ class Source:
     class_names: list[str]
     train: Split
     val: Split
-    uri: str      # where the data lives, for MLflow's dataset record
-    digest: str   # identifies the exact examples, for MLflow's dataset record
+    uri: str  # where the data lives, for MLflow's dataset record
+    digest: str  # identifies the exact examples, for MLflow's dataset record
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, why) of files that will not decode
 
     @property
@@ -91,7 +91,7 @@ def _synthetic(data_cfg: DictConfig, input_size: int) -> Source:
     n = data_cfg.num_examples
     images = rng.integers(0, 256, size=(n, input_size, input_size, 3), dtype=np.uint8)
     labels = rng.integers(0, data_cfg.num_classes, size=n, dtype=np.int32)
-    n_val = max(1, int(round(n * data_cfg.val_fraction)))
+    n_val = max(1, round(n * data_cfg.val_fraction))
     return Source(
         name="synthetic",
         class_names=[str(c) for c in range(data_cfg.num_classes)],
@@ -145,7 +145,8 @@ def _candidates(root: Path, classes: list[str]) -> list[list[Path]]:
     """Files with an image suffix in each class folder, in a stable order."""
     return [
         [p for p in sorted(folder.rglob("*")) if p.suffix.lower() in _SUFFIXES and p.is_file()]
-        if (folder := root / name).is_dir() else []
+        if (folder := root / name).is_dir()
+        else []
         for name in classes
     ]
 
@@ -161,7 +162,7 @@ def _keep_readable(
     """The files of each class that will decode; the others go to `skipped` with their reason, and one
     log line counts them (per split folder: train/ and val/, or the one folder both splits come from)."""
     per_class, dropped = [], 0
-    for name, files in zip(classes, candidates):
+    for name, files in zip(classes, candidates, strict=True):
         kept = [str(f) for f in files if verdicts[f] is None]
         bad = [(str(f), str(verdicts[f])) for f in files if verdicts[f] is not None]
         if required and not kept:
@@ -174,7 +175,10 @@ def _keep_readable(
         total = dropped + sum(len(files) for files in per_class)
         log.warning(
             "Skipped %d unreadable image file(s) of %d in %s; each is named, with the reason, in the run's "
-            "skipped_files.txt", dropped, total, root,
+            "skipped_files.txt",
+            dropped,
+            total,
+            root,
         )
     return per_class
 
@@ -185,15 +189,13 @@ def _as_split(per_class: list[list[str]]) -> Split:
     return Split(labels=labels, files=files)
 
 
-def _split_per_class(
-    classes: list[str], per_class: list[list[str]], val_fraction: float
-) -> tuple[Split, Split]:
+def _split_per_class(classes: list[str], per_class: list[list[str]], val_fraction: float) -> tuple[Split, Split]:
     train, val = [], []
-    for name, files in zip(classes, per_class):
+    for name, files in zip(classes, per_class, strict=True):
         # One stream per class: adding images to one class leaves the other classes' splits alone.
         rng = np.random.default_rng([SPLIT_SEED, zlib.crc32(name.encode())])
         order = rng.permutation(len(files))
-        n_val = int(round(len(files) * val_fraction)) if len(files) > 1 else 0
+        n_val = round(len(files) * val_fraction) if len(files) > 1 else 0
         val.append([files[i] for i in sorted(order[:n_val])])
         train.append([files[i] for i in sorted(order[n_val:])])
     return _as_split(train), _as_split(val)

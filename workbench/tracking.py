@@ -69,8 +69,10 @@ def _create_sqlite_store(uri: str) -> None:
         shutil.copyfile(template, tmp)
         with contextlib.closing(sqlite3.connect(tmp)) as db, db:
             # The Default experiment's artifacts belong beside this store, as MLflow would have placed them.
-            db.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
-                       (str(Path.cwd() / "mlruns" / "0"),))
+            db.execute(
+                "UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
+                (str(Path.cwd() / "mlruns" / "0"),),
+            )
         os.replace(tmp, path)
     finally:
         lock.release()
@@ -180,17 +182,20 @@ def run_tags(cfg: DictConfig, choices: dict[str, str], overrides: list[str], con
         raise ConfigError(
             f"tracking.tags={extra}: must be a mapping of tag names to values; e.g. 'tracking.tags={{team: vision}}'"
         )
-    return flatten(extra or {}) | {  # flatten hides secrets: URL passwords and secret-named keys' values
-        "model": cfg.model.name,
-        "optimizer": cfg.optimizer.name,
-        "schedule": cfg.schedule.name,
-        "augmentation": cfg.augmentation.name,
-        "data": cfg.data.name,
-        "recipe": choices.get("recipe") or "none",
-        "overrides": redact(" ".join(overrides))[:5000],
-        "workbench.config_hash": config_hash,
-        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "all"),
-    }
+    return (
+        flatten(extra or {})
+        | {  # flatten hides secrets: URL passwords and secret-named keys' values
+            "model": cfg.model.name,
+            "optimizer": cfg.optimizer.name,
+            "schedule": cfg.schedule.name,
+            "augmentation": cfg.augmentation.name,
+            "data": cfg.data.name,
+            "recipe": choices.get("recipe") or "none",
+            "overrides": redact(" ".join(overrides))[:5000],
+            "workbench.config_hash": config_hash,
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "all"),
+        }
+    )
 
 
 def log_dataset(name: str, uri: str, digest: str, context: str = "training") -> None:
@@ -242,7 +247,7 @@ def log_curves(run_id: str) -> None:
     flush()
     client = MlflowClient()
     fig, axes = plt.subplots(1, len(CURVES), figsize=(5 * len(CURVES), 3.5))
-    for ax, keys in zip(axes, CURVES):
+    for ax, keys in zip(axes, CURVES, strict=True):
         for key in keys:
             history = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
             if history:

@@ -149,7 +149,8 @@ def _prepare(cfg, source, size, ckpt, state, strategy):
                     # With 5 classes or fewer every label is in the top 5: a constant 1.0, so not logged.
                     *(
                         [keras.metrics.TopKCategoricalAccuracy(k=5, name="top5_accuracy")]
-                        if source.num_classes > 5 else []
+                        if source.num_classes > 5
+                        else []
                     ),
                 ],
                 jit_compile=_jit(cfg.model.jit_compile),
@@ -171,8 +172,12 @@ def _fit(cfg, model, pipelines, ckpt, state, report) -> None:
         # epoch unreported; checkpoint before logging, so MLflow's epochs always have one to resume from.
         *([Report(report)] if report is not None else []),
         Checkpointer(
-            ckpt, state, cfg.tracking.monitor, cfg.tracking.monitor_mode,
-            keep_best=uploads in ("best", "best_and_last"), keep_every=uploads == "every_epoch",
+            ckpt,
+            state,
+            cfg.tracking.monitor,
+            cfg.tracking.monitor_mode,
+            keep_best=uploads in ("best", "best_and_last"),
+            keep_every=uploads == "every_epoch",
         ),
         MlflowEpochs(ckpt if uploads == "every_epoch" else None),
         # A stop whose KeyboardInterrupt Python swallowed (it landed in a garbage-collection callback)
@@ -234,7 +239,9 @@ def _keras_session(trainer_cfg: DictConfig) -> Iterator:
         tf.config.experimental.enable_op_determinism()
     policy = {"none": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
     keras.mixed_precision.set_global_policy(policy[trainer_cfg.mixed_precision])
-    strategy = tf.distribute.MirroredStrategy() if trainer_cfg.distribute == "mirrored" else tf.distribute.get_strategy()
+    strategy = (
+        tf.distribute.MirroredStrategy() if trainer_cfg.distribute == "mirrored" else tf.distribute.get_strategy()
+    )
     gradients = _gradient_registry()
     registered = set(gradients)
     try:

@@ -112,17 +112,22 @@ class WorkbenchSweeper(Sweeper):
         launcher = self.config.hydra.launcher._target_.rsplit(".", 1)[-1]
         counts = tally.count(study.get_trials(deepcopy=False))
         left = f"{spec.budget - counts.counted} of {spec.budget} trials left" if spec.budget else "no trial limit"
-        print(f"Study {spec.name}: {left}, {spec.workers} worker(s) through {launcher}; "
-              f"storage {redact(spec.storage)}; MLflow parent run {run_id}")
+        print(
+            f"Study {spec.name}: {left}, {spec.workers} worker(s) through {launcher}; "
+            f"storage {redact(spec.storage)}; MLflow parent run {run_id}"
+        )
         if spec.workers > 1 and launcher == "BasicLauncher":
             print("  The basic launcher runs workers one after another; hydra/launcher=joblib runs them at once.")
         # 4. Workers, not batches: each job asks the study for trials until the budget is spent.
-        worker = compose.merge(arguments, [
-            compose.assign("study.name", spec.name),
-            compose.assign("study.parent_run_id", run_id),
-            compose.assign("study.launch_id", launch_id),
-            compose.assign("study.deadline", time.time() + spec.timeout if spec.timeout else None),
-        ])
+        worker = compose.merge(
+            arguments,
+            [
+                compose.assign("study.name", spec.name),
+                compose.assign("study.parent_run_id", run_id),
+                compose.assign("study.launch_id", launch_id),
+                compose.assign("study.deadline", time.time() + spec.timeout if spec.timeout else None),
+            ],
+        )
         _redact_launcher_logs()
         # 5. A progress line and the parent run's metrics while the workers run. Workers in other processes
         # (joblib, submitit) are in this process group: Ctrl-C reaches each, and each hands back its trial

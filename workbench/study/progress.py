@@ -104,4 +104,3 @@ class Progress:
         if self.spec.timeout:
             left = min(left if left is not None else self.spec.timeout, max(self.spec.timeout - elapsed, 0))
         return f"{text}, ~{duration(left)} left" if left else text
-

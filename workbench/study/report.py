@@ -173,7 +173,7 @@ def _short(value: Any) -> str:
 
 def duration(seconds: float) -> str:
     """`42s`, `4m10s`, `2h05m`."""
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     if seconds < 60:
         return f"{seconds}s"
     if seconds < 3600:

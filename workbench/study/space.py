@@ -58,7 +58,7 @@ class Param:
         if self.type == "int":
             return list(range(self.low, self.high + 1, self.step or 1))
         if self.step is not None:
-            count = int(math.floor((self.high - self.low) / self.step + 1e-9)) + 1
+            count = math.floor((self.high - self.low) / self.step + 1e-9) + 1
             return [self.low + i * self.step for i in range(count)]
         return None
 

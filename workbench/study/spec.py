@@ -20,8 +20,15 @@ PRUNERS = ("none", "median", "percentile", "successive_halving", "hyperband")
 DIRECTIONS = ("maximize", "minimize")
 # What the trainer returns: the last epoch's metrics and the model's parameter count.
 METRICS = (
-    "val_accuracy", "val_loss", "val_top5_accuracy", "accuracy", "loss", "top5_accuracy",
-    "parameters", "images_per_second", "epoch_seconds",
+    "val_accuracy",
+    "val_loss",
+    "val_top5_accuracy",
+    "accuracy",
+    "loss",
+    "top5_accuracy",
+    "parameters",
+    "images_per_second",
+    "epoch_seconds",
 )
 STORAGE_SCHEMES = ("sqlite", "postgresql")  # the databases a budget lock exists for (storage.py)
 
@@ -151,4 +158,3 @@ def _as_tuple(value: Any) -> tuple[str, ...]:
 def _one_of(key: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(f"{key}={value}: not one of {', '.join(allowed)}")
-

@@ -72,12 +72,15 @@ class Objective:
         overrides = compose.trial_overrides(self.spec.base_overrides, self.user, params)
         trial.set_user_attr("overrides", [redact(o) for o in overrides])  # what `workbench study best` prints
         attempts = _dead_attempts(trial)
-        cfg, context = _compose(overrides, [
-            compose.assign("trainer.checkpoint_dir", str(directory)),
-            compose.assign("trainer.resume", bool(attempts)),  # from scratch when no checkpoint is found
-            # The number first: the MLflow UI's run-name column cuts long names short.
-            compose.assign("tracking.run_name", f"trial-{trial.number}-{self.spec.name}"),
-        ])
+        cfg, context = _compose(
+            overrides,
+            [
+                compose.assign("trainer.checkpoint_dir", str(directory)),
+                compose.assign("trainer.resume", bool(attempts)),  # from scratch when no checkpoint is found
+                # The number first: the MLflow UI's run-name column cuts long names short.
+                compose.assign("tracking.run_name", f"trial-{trial.number}-{self.spec.name}"),
+            ],
+        )
         tags = {"study": self.spec.name, "trial_number": str(trial.number), "state": "RUNNING"}
         if attempts:
             tags["retry_of"] = str(attempts[0])
