@@ -41,6 +41,8 @@ class EpochMetrics(keras.callbacks.Callback):
             self._train_end = time.perf_counter()
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if logs is None:  # Keras always passes the epoch's logs; they are what this adds to
+            return
         now = time.perf_counter()
         train_seconds = (self._train_end or now) - self._start
         logs["epoch_seconds"] = now - self._start
@@ -99,11 +101,12 @@ class Checkpointer(keras.callbacks.Callback):
         if self.keep_every:
             self.dir.copy_last(self.dir.epoch_file(epoch + 1))
         value = logs.get(self.monitor)
-        self.best_improved = improved(value, self.state.best, self.minimize)
-        if self.best_improved:
+        self.best_improved = value is not None and improved(value, self.state.best, self.minimize)
+        if value is not None and self.best_improved:
             self.state.best = float(value)
             if self.keep_best:
                 self.dir.copy_last(self.dir.best)
         self.state.epoch = epoch + 1
+        self.state.metrics = {k: float(v) for k, v in logs.items()}
         self.state.rng = save_rng(self.model)
         self.dir.write_state(self.state)

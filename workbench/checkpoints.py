@@ -33,6 +33,7 @@ class State:
     run_id: str | None = None  # the MLflow run to continue
     best: float | None = None  # best monitored value so far
     rng: list[list[int]] | None = None  # seed-generator states (dropout masks), which .keras files omit
+    metrics: dict[str, float] | None = None  # the last finished epoch's, in case a stop came before MLflow had them
 
 
 class CheckpointDir:

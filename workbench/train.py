@@ -20,7 +20,11 @@ from workbench.checkpoints import CheckpointDir, State
 from workbench.config import config_hash, redacted_yaml, validate
 
 if TYPE_CHECKING:  # TensorFlow loads only once the config and data have been checked
+    import keras
+    import tensorflow as tf
+
     from workbench.callbacks import ReportFn
+    from workbench.data import Pipelines
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +117,8 @@ def _train(
                     mlflow.log_text(sources.skipped_files_text(source), "skipped_files.txt")
                 mlflow.log_metric("parameters", model.count_params())
                 state.run_id = run_id
+            elif state.metrics:
+                tracking.log_epoch_if_missing(run_id, state.metrics, state.epoch)
             _fit(cfg, model, pipelines, ckpt, state, report)
             _log_outputs(cfg, model, ckpt, run_id, size, source.num_classes)
             return Result(run_id, tracking.final_metrics(run_id))
@@ -127,7 +133,14 @@ def _log_config(cfg: DictConfig, context: RunContext) -> None:
         mlflow.log_text(redacted_yaml(overrides, resolve=False), "config/overrides.yaml")
 
 
-def _prepare(cfg, source, size, ckpt, state, strategy):
+def _prepare(
+    cfg: DictConfig,
+    source: sources.Source,
+    size: int,
+    ckpt: CheckpointDir,
+    state: State,
+    strategy: tf.distribute.Strategy,
+) -> tuple[keras.Model, Pipelines]:
     import keras
 
     from workbench import data, optim
@@ -160,7 +173,14 @@ def _prepare(cfg, source, size, ckpt, state, strategy):
     return model, pipelines
 
 
-def _fit(cfg, model, pipelines, ckpt, state, report) -> None:
+def _fit(
+    cfg: DictConfig,
+    model: keras.Model,
+    pipelines: Pipelines,
+    ckpt: CheckpointDir,
+    state: State,
+    report: ReportFn | None,
+) -> None:
     import keras
 
     from workbench.callbacks import Checkpointer, EpochMetrics, MlflowEpochs, Report
@@ -206,7 +226,9 @@ def _fit(cfg, model, pipelines, ckpt, state, report) -> None:
         )
 
 
-def _log_outputs(cfg, model, ckpt, run_id: str, size: int, num_classes: int) -> None:
+def _log_outputs(
+    cfg: DictConfig, model: keras.Model, ckpt: CheckpointDir, run_id: str, size: int, num_classes: int
+) -> None:
     uploads = cfg.tracking.checkpoints
     if uploads in ("last", "best_and_last") and ckpt.last.exists():
         mlflow.log_artifact(str(ckpt.last), artifact_path="checkpoints")
@@ -217,13 +239,13 @@ def _log_outputs(cfg, model, ckpt, run_id: str, size: int, num_classes: int) -> 
         tracking.log_model(model, size, num_classes)
 
 
-def _jit(value) -> bool | str:
+def _jit(value: object) -> bool | str:
     text = str(value).lower()
     return "auto" if text == "auto" else text == "true"
 
 
 @contextlib.contextmanager
-def _keras_session(trainer_cfg: DictConfig) -> Iterator:
+def _keras_session(trainer_cfg: DictConfig) -> Iterator[tf.distribute.Strategy]:
     """Seeds, determinism, precision policy and distribution for one run.
 
     The precision policy and Keras's state are reset afterwards. Op determinism is not: TensorFlow has no
@@ -233,7 +255,7 @@ def _keras_session(trainer_cfg: DictConfig) -> Iterator:
     import keras
     import tensorflow as tf
 
-    keras.backend.clear_session()
+    keras.backend.clear_session(free_memory=False)  # the previous run, if any, collected its garbage on the way out
     keras.utils.set_random_seed(trainer_cfg.seed)
     if trainer_cfg.deterministic:
         tf.config.experimental.enable_op_determinism()
