@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, NoReturn, cast
 
 from hydra.types import RunMode
 from omegaconf import DictConfig
@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 EXIT_USAGE = 2  # bad input, as argparse and Hydra's usage errors
 
 
-def fail(message: str, status: int = EXIT_USAGE) -> None:
+def fail(message: str, status: int = EXIT_USAGE) -> NoReturn:
     """One line on stderr and exit status 2 (or `status`)."""
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(status)
@@ -129,5 +129,6 @@ def _pin_gpus(cfg: DictConfig) -> None:
     from workbench.devices import pin_local_gpus
 
     if HydraConfig.initialized():
-        job = HydraConfig.get().job
+        # A DictConfig at run time (the stub names the schema): `in` is False while job.num is MISSING.
+        job = cast(DictConfig, HydraConfig.get().job)
         pin_local_gpus(cfg.trainer.gpus_per_job, job.num if "num" in job else 0)

@@ -10,7 +10,7 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -310,9 +310,12 @@ def redact(text: str) -> str:
     return _SECRET_VALUE.sub(lambda m: m.group("keep") + REDACTED, text)
 
 
-def flatten(cfg: DictConfig | Mapping, prefix: str = "") -> dict[str, str]:
+def flatten(cfg: DictConfig | Mapping[Any, Any], prefix: str = "") -> dict[str, str]:
     """Dotted keys to printable, redacted values: `{"optimizer.learning_rate": "0.045", ...}`."""
-    container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    # A DictConfig gives a dict; its keys may be any of OmegaConf's key types, printed as they are.
+    container: Mapping[Any, Any] = (
+        cast(dict[Any, Any], OmegaConf.to_container(cfg, resolve=True)) if isinstance(cfg, DictConfig) else cfg
+    )
     flat: dict[str, str] = {}
     for key, value in container.items():
         dotted = f"{prefix}{key}"

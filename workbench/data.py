@@ -7,6 +7,7 @@ the first k epochs consumed, so a resumed run sees the same batches as an uninte
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import tensorflow as tf
@@ -17,6 +18,9 @@ from workbench.sources import Source, Split
 
 AUTOTUNE = tf.data.AUTOTUNE
 
+# index -> (image, one-hot label)
+LoadFn = Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor]]
+
 
 @dataclass
 class Pipelines:
@@ -25,7 +29,13 @@ class Pipelines:
     steps_per_epoch: int
 
 
-def build(source: Source, cfg: DictConfig, size: int, preprocess, initial_epoch: int = 0) -> Pipelines:
+def build(
+    source: Source,
+    cfg: DictConfig,
+    size: int,
+    preprocess: Callable[[tf.Tensor], tf.Tensor],
+    initial_epoch: int = 0,
+) -> Pipelines:
     """Training and validation datasets of (preprocessed images, one-hot labels)."""
     trainer = cfg.trainer
     batch = trainer.batch_size
@@ -43,12 +53,12 @@ def build(source: Source, cfg: DictConfig, size: int, preprocess, initial_epoch:
         order = tf.random.experimental.stateless_shuffle(tf.range(n), seed=tf.stack([seed, epoch]))
         return tf.data.Dataset.from_tensor_slices(order[:per_epoch])
 
-    def example(position: tf.Tensor, index: tf.Tensor):
+    def example(position: tf.Tensor, index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         image, label = load(index)
         image = transform(image, tf.stack([position, seed]))
         return position, image, label
 
-    def finish(positions: tf.Tensor, images: tf.Tensor, labels: tf.Tensor):
+    def finish(positions: tf.Tensor, images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         if mix is not None:
             images, labels = mix(images, labels, tf.stack([positions[0], seed + 1]))
         return preprocess(images), labels
@@ -76,12 +86,12 @@ def build(source: Source, cfg: DictConfig, size: int, preprocess, initial_epoch:
     return Pipelines(train, val, steps)
 
 
-def _resized(example, size: int):
+def _resized(example: tuple[tf.Tensor, tf.Tensor], size: int) -> tuple[tf.Tensor, tf.Tensor]:
     image, label = example
     return augment.resize(image, size), label
 
 
-def _loader(split: Split, num_classes: int):
+def _loader(split: Split, num_classes: int) -> LoadFn:
     """index -> (uint8 image HxWx3, one-hot float32 label)."""
     labels = tf.one_hot(tf.constant(split.labels), num_classes)
     if split.images is not None:
@@ -89,7 +99,7 @@ def _loader(split: Split, num_classes: int):
         return lambda i: (tf.gather(images, i), tf.gather(labels, i))
     files = tf.constant(split.files)
 
-    def read(i):
+    def read(i: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         data = tf.io.read_file(tf.gather(files, i))
         image = tf.io.decode_image(data, channels=3, expand_animations=False)
         image.set_shape([None, None, 3])

@@ -28,6 +28,7 @@ from workbench.config import (
 )
 
 if TYPE_CHECKING:
+    from hydra import initialize_config_dir
     from hydra.core.override_parser.types import Override
 
 MULTIRUN = ("-m", "--multirun")
@@ -130,7 +131,7 @@ def config_groups(conf: Path, parent: str = "") -> dict[str, list[str]]:
 # --- composition ---------------------------------------------------------------------------------------
 
 
-def _hydra(conf: Path):
+def _hydra(conf: Path) -> initialize_config_dir:
     from hydra import initialize_config_dir
 
     return initialize_config_dir(config_dir=str(conf), version_base="1.3")

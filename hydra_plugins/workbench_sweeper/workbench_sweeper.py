@@ -13,12 +13,14 @@ import logging
 import sys
 import time
 import uuid
+from datetime import datetime
 from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import TYPE_CHECKING
 
 from hydra.core.plugins import Plugins
 from hydra.core.utils import JobReturn, JobStatus
+from hydra.plugins.launcher import Launcher
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig
@@ -44,13 +46,19 @@ class WorkbenchSweeper(Sweeper):
     def __init__(self) -> None:
         self.hydra_context: HydraContext | None = None
         self.config: DictConfig | None = None
-        self.launcher = None
+        self.launcher: Launcher | None = None
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.hydra_context, self.config = hydra_context, config
         self.launcher = Plugins.instance().instantiate_launcher(
             hydra_context=hydra_context, task_function=task_function, config=config
         )
+
+    def _setup_state(self) -> tuple[DictConfig, Launcher]:
+        """The config and launcher that setup() keeps: Hydra calls it before sweep()."""
+        if self.config is None or self.launcher is None:
+            raise RuntimeError("WorkbenchSweeper.sweep() called before setup()")
+        return self.config, self.launcher
 
     def sweep(self, arguments: list[str]) -> list[JobReturn]:
         from workbench.study import tally
@@ -85,12 +93,13 @@ class WorkbenchSweeper(Sweeper):
         from workbench import tracking
         from workbench.study import compose, parent, preflight, storage
 
-        if self.config.get("study") is None:
+        config, _ = self._setup_state()
+        if config.get("study") is None:
             fail("hydra/sweeper=workbench runs an Optuna study: add study=<name> (a file in studies/)")
-        study_file = self.config.hydra.runtime.choices.get("study")
+        study_file = config.hydra.runtime.choices.get("study")
         try:
             # 1. Refuse what is wrong before any database, run or trial exists.
-            spec = Spec.from_config(self.config.study, default_name=study_file)
+            spec = Spec.from_config(config.study, default_name=study_file)
             base_cfg = preflight.preflight(spec, compose.user_overrides(arguments))
             # 2. The study and the MLflow store, created here once, before any worker starts.
             tracking.check_server(base_cfg.tracking)
@@ -109,7 +118,8 @@ class WorkbenchSweeper(Sweeper):
         from workbench.study import compose, tally
         from workbench.study.progress import Progress
 
-        launcher = self.config.hydra.launcher._target_.rsplit(".", 1)[-1]
+        config, hydra_launcher = self._setup_state()
+        launcher = config.hydra.launcher._target_.rsplit(".", 1)[-1]
         counts = tally.count(study.get_trials(deepcopy=False))
         left = f"{spec.budget - counts.counted} of {spec.budget} trials left" if spec.budget else "no trial limit"
         print(
@@ -135,7 +145,7 @@ class WorkbenchSweeper(Sweeper):
         # this process waits for them (`defer`), then raises.
         with signals.stop_on_signals(defer=launcher != "BasicLauncher"), Progress(study, spec, run_id):
             try:
-                returns = self.launcher.launch([worker] * spec.workers, initial_job_idx=0)
+                returns = hydra_launcher.launch([worker] * spec.workers, initial_job_idx=0)
             except Exception:
                 if signals.received() is None:
                     raise
@@ -160,7 +170,8 @@ class WorkbenchSweeper(Sweeper):
 
 def _stopped_message(study: optuna.Study, spec: Spec, launch_id: str) -> str:
     ended = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("launch_id") == launch_id]
-    last = max(ended, key=lambda t: t.datetime_complete or t.datetime_start)
+    # A trial tagged with a launch has started; datetime.min only satisfies the type of datetime_start.
+    last = max(ended, key=lambda t: t.datetime_complete or t.datetime_start or datetime.min)
     return (
         f"study {spec.name} stopped: {spec.max_failures} trials failed (study.max_failures); "
         f"the last, trial {last.number}: {last.user_attrs.get('error', 'no error recorded')}"

@@ -10,11 +10,14 @@ import fcntl
 import hashlib
 import os
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from workbench.config import sqlalchemy_url
 from workbench.study.spec import Spec
 from workbench.study.storage import sqlite_file
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection
 
 
 class Lock(Protocol):
@@ -57,7 +60,7 @@ class AdvisoryLock:
 
         self.engine = sqlalchemy.create_engine(sqlalchemy_url(url), poolclass=sqlalchemy.pool.NullPool)
         self.key = int.from_bytes(hashlib.sha256(study_name.encode()).digest()[:8], "big", signed=True)
-        self._connection = None
+        self._connection: Connection | None = None
 
     def acquire(self) -> None:
         import sqlalchemy

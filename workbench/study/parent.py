@@ -29,7 +29,10 @@ def open_run(study: optuna.Study, spec: Spec, experiment: str, study_file: str |
     if run_id and _exists(client, run_id):
         client.update_run(run_id, status="RUNNING")
         return run_id
-    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    found = client.get_experiment_by_name(experiment)
+    if found is None:  # tracking.configure created it before the study opened
+        raise RuntimeError(f"MLflow experiment {experiment!r} does not exist")
+    experiment_id = found.experiment_id
     run = client.create_run(experiment_id, run_name=f"study-{spec.name}", tags={"study": spec.name})
     params = [Param(k, v) for k, v in study_params(spec, study_file).items()]
     client.log_batch(run.info.run_id, params=params)

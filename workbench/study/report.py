@@ -28,7 +28,10 @@ def best_trials(study: optuna.Study, spec: Spec) -> list[FrozenTrial]:
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not trials:
         return []
-    return sorted(study.best_trials, key=lambda t: t.number) if spec.multi_objective else [tally.best(spec, trials)]
+    if spec.multi_objective:
+        return sorted(study.best_trials, key=lambda t: t.number)
+    best = tally.best(spec, trials)  # never None here: every trial in `trials` is complete
+    return [best] if best is not None else []
 
 
 def retrain_command(trial: FrozenTrial, spec: Spec) -> str:

@@ -38,29 +38,47 @@ class Param:
     high: float | None = None
     log: bool = False
     step: float | None = None
-    choices: tuple = ()
+    choices: tuple[Any, ...] = ()
 
     def suggest(self, trial: optuna.Trial) -> Any:
         if self.type == "float":
-            return trial.suggest_float(self.key, self.low, self.high, log=self.log, step=self.step)
+            low, high = self._span()
+            return trial.suggest_float(self.key, low, high, log=self.log, step=self.step)
         if self.type == "int":
-            return trial.suggest_int(self.key, self.low, self.high, log=self.log, step=self.step or 1)
+            low_int, high_int, step = self._int_span()
+            return trial.suggest_int(self.key, low_int, high_int, log=self.log, step=step)
         return trial.suggest_categorical(self.key, list(self.choices))
 
-    def bounds(self) -> list:
+    def bounds(self) -> list[Any]:
         """The values at the edges of the space: preflight checks that each makes a valid config."""
         return list(self.choices) if self.type == "categorical" else [self.low, self.high]
 
-    def grid(self) -> list | None:
+    def grid(self) -> list[Any] | None:
         """Every value, for the grid sampler; None for a continuous float."""
         if self.type == "categorical":
             return list(self.choices)
         if self.type == "int":
-            return list(range(self.low, self.high + 1, self.step or 1))
+            low_int, high_int, step = self._int_span()
+            return list(range(low_int, high_int + 1, step))
         if self.step is not None:
-            count = math.floor((self.high - self.low) / self.step + 1e-9) + 1
-            return [self.low + i * self.step for i in range(count)]
+            low, high = self._span()
+            count = math.floor((high - low) / self.step + 1e-9) + 1
+            return [low + i * self.step for i in range(count)]
         return None
+
+    def _span(self) -> tuple[float, float]:
+        # parse() gives every float and int param both bounds; only a categorical has none.
+        if self.low is None or self.high is None:
+            raise ValueError(f"{self.key}: a {self.type} param needs low and high")
+        return self.low, self.high
+
+    def _int_span(self) -> tuple[int, int, int]:
+        """low, high and step of an int param, which parse() checked are integers."""
+        low, high = self._span()
+        step = self.step or 1
+        if not (isinstance(low, int) and isinstance(high, int) and isinstance(step, int)):
+            raise ValueError(f"{self.key}: an int param needs integer low, high and step")
+        return low, high, step
 
     def describe(self) -> str:
         if self.type == "categorical":
@@ -70,7 +88,7 @@ class Param:
         return f"{self.type} [{self.low}, {self.high}]{extras}"
 
 
-def parse(params: Mapping) -> tuple[Param, ...]:
+def parse(params: Mapping[Any, Any]) -> tuple[Param, ...]:
     """The search space from `study.params`; ConfigError names the first bad entry."""
     return tuple(_param(str(key), spec) for key, spec in params.items())
 
@@ -89,8 +107,8 @@ def _param(key: str, spec: Any) -> Param:
         return Param(key, kind, choices=_choices(where, spec.get("choices")))
 
     low, high, step, log = spec.get("low"), spec.get("high"), spec.get("step"), bool(spec.get("log", False))
-    for name, value in (("low", low), ("high", high)):
-        _number(f"{where}.{name}", value, integer=kind == "int")
+    low = _number(f"{where}.low", low, integer=kind == "int")
+    high = _number(f"{where}.high", high, integer=kind == "int")
     if low >= high:
         raise ConfigError(f"{where}: low={low} >= high={high}")
     if log and low <= 0:
@@ -104,13 +122,15 @@ def _param(key: str, spec: Any) -> Param:
     return Param(key, kind, low=low, high=high, log=log, step=step)
 
 
-def _number(where: str, value: Any, integer: bool) -> None:
+def _number(where: str, value: Any, integer: bool) -> float:
+    """The value, checked to be a finite number (an integer when `integer`)."""
     ok = isinstance(value, int) if integer else isinstance(value, (int, float))
     if not ok or isinstance(value, bool) or not math.isfinite(value):
         raise ConfigError(f"{where}={value}: must be {'an integer' if integer else 'a number'}")
+    return value
 
 
-def _choices(where: str, choices: Any) -> tuple:
+def _choices(where: str, choices: Any) -> tuple[Any, ...]:
     if not isinstance(choices, (list, tuple)) or not choices:
         raise ConfigError(f"{where}.choices: give a non-empty list, e.g. [16, 32, 64]")
     for choice in choices:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -85,13 +85,14 @@ class Spec:
         """Trials to run over the whole study; a grid has no more points than it has."""
         if self.sampler["name"] != "grid":
             return self.n_trials
-        size = math.prod(len(param.grid()) for param in self.params)
+        # _check refuses a grid sampler over a continuous float, so every param has a grid here.
+        size = math.prod(len(grid) for param in self.params if (grid := param.grid()) is not None)
         return min(size, self.n_trials or size)
 
     @classmethod
     def from_config(cls, study: DictConfig, default_name: str) -> Spec:
         """Check the study block; ConfigError names the first bad key."""
-        node = OmegaConf.to_container(study, resolve=True)
+        node = cast(dict[str, Any], OmegaConf.to_container(study, resolve=True))  # a DictConfig gives a dict
         metrics, directions = _as_tuple(node["metric"]), _as_tuple(node["direction"])
         spec = cls(
             name=str(node["name"] or default_name),

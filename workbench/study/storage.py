@@ -7,7 +7,7 @@ import os
 import socket
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from workbench.config import ConfigError, redact, sqlalchemy_url
 
@@ -29,7 +29,7 @@ def open_storage(spec: Spec, heartbeat: bool = False) -> optuna.storages.RDBStor
     engine = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}} if sqlite_file(spec.storage) else {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        options = {}
+        options: dict[str, Any] = {}  # RDBStorage's heartbeat keywords
         if heartbeat:
             # The retry inherits the reported epochs: it goes on from the dead attempt's checkpoint.
             retry = RetryHeartbeatStaleTrialCallback(max_retry=spec.max_retry, inherit_intermediate_values=True)
@@ -52,7 +52,8 @@ def create_study(spec: Spec) -> optuna.Study:
     study = optuna.create_study(
         study_name=spec.name,
         storage=open_storage(spec, heartbeat=True),  # so fail_stale_trials finds the trials of dead workers
-        directions=list(spec.directions),
+        # Spec._check allowed only these two.
+        directions=cast("list[Literal['maximize', 'minimize']]", list(spec.directions)),
         load_if_exists=True,
     )
     stored = [d.name.lower() for d in study.directions]
@@ -187,4 +188,7 @@ def sqlite_file(url: str) -> Path | None:
     """The database file of a SQLite URL; None for other databases."""
     from sqlalchemy.engine import make_url
 
-    return Path(make_url(url).database) if url.startswith("sqlite:") else None
+    if not url.startswith("sqlite:"):
+        return None
+    database = make_url(url).database
+    return Path(database) if database is not None else None  # `sqlite://` is in memory: no file

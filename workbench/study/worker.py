@@ -29,7 +29,7 @@ def run(cfg: DictConfig) -> int:
     many this worker ran."""
     hydra = HydraConfig.get()
     job = hydra.job.num
-    spec = Spec.from_config(cfg.study, default_name=hydra.runtime.choices.study)
+    spec = Spec.from_config(cfg.study, default_name=hydra.runtime.choices["study"])
     user = compose.user_overrides(hydra.overrides.task)
     base_cfg = compose.compose(compose.merge(spec.base_overrides, user))
     tracking.configure(base_cfg.tracking)  # the retry of a dead trial ends that trial's run
