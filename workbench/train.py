@@ -168,6 +168,10 @@ def _prepare(
                 ],
                 jit_compile=_jit(cfg.model.jit_compile),
             )
+            # Without a distribution strategy Keras creates the optimizer's slots inside the first traced
+            # step, and TensorFlow then traces that step a second time; built here, it is traced once
+            # (NASNetLarge: half a minute saved).
+            model.optimizer.build(model.trainable_variables)
         if opt.l2_kernels_only and opt.weight_decay:
             models.add_kernel_l2(model, opt.weight_decay)
     return model, pipelines
