@@ -40,9 +40,9 @@ def _with_password(url: str) -> str:
     return url.replace("postgres@", f"postgres:{SECRET}@", 1)
 
 
-def _study_args(postgres_url: str, server: str, *extra: str, workers: int = 4) -> list[str]:
+def _study_args(postgres_url: str, server: str, *extra: str, workers: int) -> list[str]:
     # A dead worker is found within seconds; the grace period leaves room for a loaded machine, where a
-    # live worker's heartbeat can come late while TensorFlow starts in four processes at once.
+    # live worker's heartbeat can come late while TensorFlow starts in several processes at once.
     return [
         "--multirun",
         f"study={STUDY}",
@@ -114,13 +114,14 @@ def _no_secret(cwd: Path, server_artifacts: Path, output: str, client: MlflowCli
             assert SECRET not in str(run.data.params) + str(run.data.tags)
 
 
-def test_four_workers_on_postgresql_and_a_tracking_server(
+def test_three_workers_on_postgresql_and_a_tracking_server(
     workdir: Path, postgres_url: str, mlflow_server: TrackingServer
 ) -> None:
-    result = _start(_study_args(postgres_url, mlflow_server.url, "study.n_trials=6", "trainer.epochs=2"), workdir)
+    args = _study_args(postgres_url, mlflow_server.url, "study.n_trials=5", "trainer.epochs=2", workers=3)
+    result = _start(args, workdir)
     output, _ = result.communicate(timeout=900)
     assert result.returncode == 0, output[-4000:]
-    _check_study(_study(postgres_url), mlflow_server.url, n_trials=6)
+    _check_study(_study(postgres_url), mlflow_server.url, n_trials=5)
     _no_secret(workdir, mlflow_server.artifacts, output, MlflowClient(mlflow_server.url))
 
 
@@ -163,7 +164,7 @@ def test_a_lost_worker_s_trial_resumes_elsewhere_from_its_checkpoint(
     # Two workers: the one left takes the lost trial over.
     study_proc = _start(
         _study_args(
-            postgres_url, mlflow_server.url, "study.n_trials=4", "trainer.epochs=6", "study.pruner.name=none", workers=2
+            postgres_url, mlflow_server.url, "study.n_trials=3", "trainer.epochs=6", "study.pruner.name=none", workers=2
         ),
         workdir,
     )
@@ -176,9 +177,9 @@ def test_a_lost_worker_s_trial_resumes_elsewhere_from_its_checkpoint(
     else:
         # submitit reports the killed job as failed and the sweep exits with an error, while the other
         # workers (separate processes) finish the study: wait for them.
-        _wait_until_done(postgres_url, 4)
+        _wait_until_done(postgres_url, 3)
 
-    trials = _check_study(_study(postgres_url), mlflow_server.url, n_trials=4)
+    trials = _check_study(_study(postgres_url), mlflow_server.url, n_trials=3)
     (retry,) = [t for t in trials if t.system_attrs.get("failed_trial") == victim.number]
     client = MlflowClient(mlflow_server.url)
     lost_run = client.get_run(victim.user_attrs["mlflow_run_id"])
@@ -241,7 +242,6 @@ def test_a_grid_multirun_through_the_same_launcher(workdir: Path, mlflow_server:
             "hydra/launcher=local_gpu",
             "hydra.launcher.gpus_per_node=2",
             "optimizer=adam,momentum",
-            "model.dropout=0.0,0.3",
             f"tracking.uri={mlflow_server.url}",
             "tracking.experiment=grid",
             "trainer.epochs=1",
@@ -253,15 +253,10 @@ def test_a_grid_multirun_through_the_same_launcher(workdir: Path, mlflow_server:
     assert result.returncode == 0, output[-4000:]
     client = MlflowClient(mlflow_server.url)
     runs = client.search_runs([client.get_experiment_by_name("grid").experiment_id])
-    assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
-    assert {(r.data.params["optimizer.name"], r.data.params["model.dropout"]) for r in runs} == {
-        ("adam", "0.0"),
-        ("adam", "0.3"),
-        ("momentum", "0.0"),
-        ("momentum", "0.3"),
-    }
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    assert {r.data.params["optimizer.name"] for r in runs} == {"adam", "momentum"}
     # Two GPUs on the machine, one per job, by job number.
-    assert sorted(r.data.tags["cuda_visible_devices"] for r in runs) == ["0", "0", "1", "1"]
+    assert sorted(r.data.tags["cuda_visible_devices"] for r in runs) == ["0", "1"]
 
 
 MLFLOW_PASSWORD = "mlflow-s3cret-pass"
