@@ -1,9 +1,10 @@
-"""What tests share besides fixtures: config composition, the CLI as a subprocess, PostgreSQL and a real
-`mlflow server`. Fixtures that use these live in conftest.py."""
+"""What tests share besides fixtures: config composition, the CLI as a subprocess, broken image files,
+PostgreSQL and a real `mlflow server`. Fixtures that use these live in conftest.py."""
 
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import sqlite3
 import subprocess
@@ -13,11 +14,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import optuna
 import pytest
 from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -53,6 +56,30 @@ def cli_env() -> dict[str, str]:
 def tracking_uri(folder: Path) -> str:
     """The store `python run.py` uses by default when started in `folder`."""
     return f"sqlite:///{folder / 'mlflow.db'}"
+
+
+# --- image files: whole, truncated and corrupt JPEGs -----------------------------------------------------
+
+
+def jpeg_bytes(seed: int, size: int = 32) -> bytes:
+    buffer = io.BytesIO()
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(size, size, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def truncated_jpeg(seed: int) -> bytes:
+    """A JPEG cut short: its signature is right, decoding runs out of data."""
+    data = jpeg_bytes(seed)
+    return data[: len(data) // 3]
+
+
+def corrupt_jpeg(seed: int) -> bytes:
+    """A whole JPEG whose compressed body is overwritten in the middle: libjpeg stops with an error."""
+    data = bytearray(jpeg_bytes(seed))
+    middle = len(data) // 2
+    data[middle : middle + 200] = b"\xff" * 200
+    return bytes(data)
 
 
 # --- PostgreSQL and an MLflow tracking server, for the cluster tests -------------------------------------

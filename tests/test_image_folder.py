@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import TINY, compose_config, run_cli, tracking_uri
+from helpers import TINY, compose_config, corrupt_jpeg, run_cli, tracking_uri, truncated_jpeg
 from workbench import sources
 
 CLASSES = ("cat", "dog", "hérisson")
@@ -46,27 +45,6 @@ def make_folder(root: Path, per_class: int = 12, reverse: bool = False) -> Path:
 
 
 BROKEN = ("garbage.jpg", "truncated.jpg", "corrupt body.jpg")  # what add_broken_files writes that is skipped
-
-
-def jpeg_bytes(seed: int, size: int = 32) -> bytes:
-    buffer = io.BytesIO()
-    pixels = np.random.default_rng(seed).integers(0, 256, size=(size, size, 3), dtype=np.uint8)
-    Image.fromarray(pixels).save(buffer, format="JPEG")
-    return buffer.getvalue()
-
-
-def truncated_jpeg(seed: int) -> bytes:
-    """A JPEG cut short: its signature is right, decoding runs out of data."""
-    data = jpeg_bytes(seed)
-    return data[: len(data) // 3]
-
-
-def corrupt_jpeg(seed: int) -> bytes:
-    """A whole JPEG whose compressed body is overwritten in the middle: libjpeg stops with an error."""
-    data = bytearray(jpeg_bytes(seed))
-    middle = len(data) // 2
-    data[middle : middle + 200] = b"\xff" * 200
-    return bytes(data)
 
 
 def add_broken_files(root: Path) -> None:

@@ -13,9 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from test_image_folder import corrupt_jpeg, jpeg_bytes, truncated_jpeg
 
-from helpers import compose_config, run_cli
+from helpers import compose_config, corrupt_jpeg, jpeg_bytes, run_cli, truncated_jpeg
 from workbench import readable, sources
 
 
