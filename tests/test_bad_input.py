@@ -124,14 +124,19 @@ def test_boundary_values_are_accepted(args: list[str]) -> None:
         (["optimizer.learnin_rate=0.1"], 2, "error: optimizer.learnin_rate: no such key"),
         (["--multirun", "trainer.epochs=1,0"], 2, "error: trainer.epochs=0"),
         (["--help"], 0, "== Configuration groups =="),
+        (["data=image_folder", "data.path=one_class", "trainer.batch_size=2"], 2, "needs at least two"),
     ],
-    ids=["bad-value", "misspelt-key", "grid", "help"],
+    ids=["bad-value", "misspelt-key", "grid", "help", "image-folder"],
 )
 def test_bad_value_is_refused_before_tensorflow_is_imported(
     workdir: Path, monkeypatch: pytest.MonkeyPatch, args: list[str], status: int, expected: str
 ) -> None:
     # Python's -X importtime, as an environment variable, lists every module the CLI imported on stderr.
     # Neither refusals nor --help may load the heavy libraries: each costs seconds before a word is said.
+    for i in range(4):  # an image folder with a single class, which only its scan can refuse
+        path = workdir / "one_class" / "cats" / f"{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((8, 8, 3), i * 60, dtype=np.uint8)).save(path)
     monkeypatch.setenv("PYTHONPROFILEIMPORTTIME", "1")
     result = run_cli(args, cwd=workdir, timeout=120)
     assert result.returncode == status, result.stderr[-2000:]

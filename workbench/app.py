@@ -29,12 +29,13 @@ def main(cfg: DictConfig) -> float | int | None:
     _pin_gpus(cfg)
     if cfg.get("study") is not None:
         return _study_worker(cfg)
-    from workbench import signals, tracking
-    from workbench.train import train
+    from workbench import signals
+    from workbench.server import check_server
+    from workbench.train import train  # MLflow and TensorFlow load inside, once the config and data pass
 
     try:
         with signals.stop_on_signals():
-            tracking.check_server(cfg.tracking)
+            check_server(cfg.tracking)
             result = train(cfg, _run_context())
     except ConfigError as exc:
         _discard_output_dir()
@@ -45,6 +46,8 @@ def main(cfg: DictConfig) -> float | int | None:
     shown = {k: metrics[k] for k in sorted(metrics) if k.startswith(("val_", "accuracy", "loss"))}
     print(f"\nRun {result.run_id} FINISHED in experiment '{cfg.tracking.experiment}'")
     print("  " + "  ".join(f"{k}={v:.4f}" for k, v in shown.items()))
+    from workbench import tracking
+
     print(f"  Compare runs: {tracking.ui_hint(result.run_id)}")
     return metrics.get(cfg.tracking.monitor)
 

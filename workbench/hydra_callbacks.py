@@ -23,8 +23,9 @@ class PrepareTracking(Callback):
             # A study's sweeper does this itself, after it has checked the study: a refused study leaves nothing.
             if "tracking" in config and config.get("study") is None:
                 from workbench import tracking
+                from workbench.server import check_server
 
-                tracking.check_server(config.tracking)
+                check_server(config.tracking)
                 tracking.configure(config.tracking)
         except ConfigError as exc:
             fail(str(exc))

@@ -103,24 +103,6 @@ def _empty_store() -> Path:
     return template
 
 
-def check_server(tracking_cfg: DictConfig) -> None:
-    """Refuse a tracking server that does not answer, at once: MLflow retries each request for minutes.
-    For entry points, where someone waits; a study's workers ride out a server restart on those retries."""
-    import urllib.error
-    import urllib.request
-
-    uri = str(tracking_cfg.uri or mlflow.get_tracking_uri())
-    if not uri.startswith(("http://", "https://")):
-        return
-    try:
-        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10).close()
-    except urllib.error.HTTPError:
-        pass  # something answered: MLflow's own requests say what is wrong
-    except (OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise ConfigError(f"tracking.uri={redact(uri)}: no MLflow server answers there ({reason})") from None
-
-
 @contextlib.contextmanager
 def run(
     tracking_cfg: DictConfig,

@@ -12,14 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import mlflow
 from omegaconf import DictConfig, OmegaConf
 
-from workbench import models, signals, sources, tracking
+from workbench import models, signals, sources
 from workbench.checkpoints import CheckpointDir, State
 from workbench.config import config_hash, redacted_yaml, validate
 
-if TYPE_CHECKING:  # TensorFlow loads only once the config and data have been checked
+# MLflow and TensorFlow load only once the config and data have been checked: a refusal answers at once.
+if TYPE_CHECKING:
     import keras
     import tensorflow as tf
 
@@ -91,6 +91,10 @@ def _train(
     tags: dict[str, str] | None,
     on_run_start: Callable[[str], None] | None,
 ) -> Result:
+    import mlflow
+
+    from workbench import tracking
+
     state = State()
     if cfg.trainer.resume and ckpt.exists():
         state = ckpt.resume_state()
@@ -127,6 +131,10 @@ def _train(
 def _log_config(cfg: DictConfig, context: RunContext) -> None:
     """The `config/` artifacts: Hydra's own files for a Hydra job; else (a study trial, composed with the
     compose API) the resolved config and the overrides it was composed from."""
+    import mlflow
+
+    from workbench import tracking
+
     tracking.log_config(cfg, context.hydra_dir)
     if context.hydra_dir is None and context.overrides:
         overrides = OmegaConf.create(list(context.overrides))
@@ -233,6 +241,10 @@ def _fit(
 def _log_outputs(
     cfg: DictConfig, model: keras.Model, ckpt: CheckpointDir, run_id: str, size: int, num_classes: int
 ) -> None:
+    import mlflow
+
+    from workbench import tracking
+
     uploads = cfg.tracking.checkpoints
     if uploads in ("last", "best_and_last") and ckpt.last.exists():
         mlflow.log_artifact(str(ckpt.last), artifact_path="checkpoints")

@@ -91,6 +91,7 @@ class WorkbenchSweeper(Sweeper):
 
     def _start(self, arguments: list[str]) -> tuple[Spec, optuna.Study, str]:
         from workbench import tracking
+        from workbench.server import check_server
         from workbench.study import compose, parent, preflight, storage
 
         config, _ = self._setup_state()
@@ -102,7 +103,7 @@ class WorkbenchSweeper(Sweeper):
             spec = Spec.from_config(config.study, default_name=study_file)
             base_cfg = preflight.preflight(spec, compose.user_overrides(arguments))
             # 2. The study and the MLflow store, created here once, before any worker starts.
-            tracking.check_server(base_cfg.tracking)
+            check_server(base_cfg.tracking)
             tracking.configure(base_cfg.tracking)
             study = storage.create_study(spec)
         except ConfigError as exc:
