@@ -23,7 +23,6 @@ if TYPE_CHECKING:
 
 # Option names come from the builders' registries (models, optim, augment: none imports TensorFlow at
 # load). Data sources are still listed here: sources.py imports NumPy, which would cost a refusal ~0.3 s.
-DATASETS = ("digits", "image_folder", "synthetic")
 PRECISIONS = ("none", "bfloat16", "float16")
 STRATEGIES = ("none", "mirrored")
 CHECKPOINT_UPLOADS = ("none", "best", "last", "best_and_last", "every_epoch")
@@ -160,7 +159,9 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"schedule.boundaries_epochs={bounds}: must be increasing positive epochs")
 
     _one_of("augmentation.name", cfg.augmentation.name, AUGMENTATIONS)
-    _one_of("data.name", cfg.data.name, DATASETS)
+    from workbench.sources import SOURCES  # here: sources imports this module
+
+    _one_of("data.name", cfg.data.name, SOURCES)
     if "val_fraction" in cfg.data:
         _in_range(
             "data.val_fraction", cfg.data.val_fraction, 0.0, 1.0, "in (0, 1)", closed_low=False, closed_high=False

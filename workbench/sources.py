@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,13 +58,7 @@ def load(data_cfg: DictConfig, input_size: int) -> Source:
 
     Splits use a fixed seed, not trainer.seed: a sweep over training seeds keeps one validation set.
     """
-    if data_cfg.name == "digits":
-        return _digits(data_cfg.val_fraction)
-    if data_cfg.name == "image_folder":
-        return _image_folder(data_cfg.path, data_cfg.val_fraction)
-    if data_cfg.name == "synthetic":
-        return _synthetic(data_cfg, input_size)
-    raise ConfigError(f"data.name={data_cfg.name}: not one of digits, image_folder, synthetic")
+    return SOURCES[data_cfg.name](data_cfg, input_size)
 
 
 def _digits(val_fraction: float) -> Source:
@@ -214,3 +209,11 @@ def check_batch_size(source: Source, batch_size: int) -> None:
 def skipped_files_text(source: Source) -> str:
     """The run's skipped_files.txt: one unreadable file a line, its path and the reason, tab-separated."""
     return "".join(f"{path}\t{why}\n" for path, why in source.skipped)
+
+
+# The data sources, by the option name of their conf/data/<name>.yaml; config validation reads the names.
+SOURCES: dict[str, Callable[[DictConfig, int], Source]] = {
+    "digits": lambda data_cfg, size: _digits(data_cfg.val_fraction),
+    "image_folder": lambda data_cfg, size: _image_folder(data_cfg.path, data_cfg.val_fraction),
+    "synthetic": _synthetic,
+}
