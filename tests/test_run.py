@@ -75,8 +75,15 @@ def test_default_job_learns_digits_and_records_everything(workdir: Path) -> None
         "checkpoints/best.keras",
         "checkpoints/last.keras",
         "training_curves.png",
+        "labels.txt",
     } <= artifacts
     assert run.inputs.dataset_inputs[0].dataset.name == "digits"
+    # The class names in output order, with the run and with its model, and how to feed the model.
+    labels = client.download_artifacts(run_id, "labels.txt", str(workdir))
+    assert Path(labels).read_text().splitlines() == [str(digit) for digit in range(10)]
+    metadata = mlflow.models.get_model_info(f"runs:/{run_id}/model").metadata
+    assert metadata["class_names"] == [str(digit) for digit in range(10)] and metadata["input_size"] == 32
+    assert metadata["architecture"] == "small_cnn" and "divided by 255" in metadata["preprocessing"]
 
     model = mlflow.keras.load_model(f"runs:/{run_id}/model")
     images = np.zeros((2, 32, 32, 3), np.float32)

@@ -54,6 +54,13 @@ def preprocessor(name: str) -> Callable[[Any], Any]:
     return getattr(keras.applications, module).preprocess_input
 
 
+def preprocessing(name: str, size: int) -> str:
+    """What `preprocessor(name)` expects and does, in words, for the logged model's metadata."""
+    module = ARCHITECTURES[name].module
+    scaling = "divided by 255" if module is None else f"keras.applications.{module}.preprocess_input"
+    return f"RGB, resized to {size}x{size} (bilinear, aspect ratio not kept), values in [0, 255] {scaling}"
+
+
 def build(model_cfg: DictConfig, num_classes: int) -> keras.Model:
     """Backbone (named `backbone`) -> dropout -> dense -> float32 softmax."""
     import keras

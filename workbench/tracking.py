@@ -252,21 +252,35 @@ def ui_hint(run_id: str) -> str:
     return f"mlflow ui --backend-store-uri {redact(uri)}, then open http://127.0.0.1:5000/#/experiments/{experiment_id}/runs"
 
 
-def log_model(model: keras.Model, size: int, num_classes: int) -> None:
-    """The final model as an MLflow Keras model (`mlflow.keras.load_model` loads it)."""
+def log_class_names(class_names: list[str]) -> None:
+    """`labels.txt`: one class name a line, in the order of the model's outputs."""
+    mlflow.log_text("".join(f"{name}\n" for name in class_names), "labels.txt")
+
+
+def log_model(model: keras.Model, size: int, class_names: list[str], architecture: str) -> None:
+    """The final model as an MLflow Keras model (`mlflow.keras.load_model` loads it). Its metadata say
+    how to feed it and read it: the class names in output order, the input size and the preprocessing."""
     from importlib.metadata import version
 
     import numpy as np
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
+    from workbench.models import preprocessing
+
     signature = ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, size, size, 3), "images")]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, num_classes), "probabilities")]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(class_names)), "probabilities")]),
     )
+    metadata = {
+        "class_names": list(class_names),
+        "input_size": size,
+        "architecture": architecture,
+        "preprocessing": preprocessing(architecture, size),
+    }
     # The requirements are known: given, MLflow does not start its inference subprocess (tens of seconds).
     pip = [f"{name}=={version(name)}" for name in ("keras", "tensorflow")]
-    mlflow.keras.log_model(model, name="model", signature=signature, pip_requirements=pip)
+    mlflow.keras.log_model(model, name="model", signature=signature, pip_requirements=pip, metadata=metadata)
 
 
 def final_metrics(run_id: str) -> dict[str, float]:

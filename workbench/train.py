@@ -117,6 +117,7 @@ def _train(
             if state.run_id is None:
                 _log_config(cfg, context)
                 tracking.log_dataset(source.name, source.uri, source.digest)
+                tracking.log_class_names(source.class_names)
                 if source.skipped:  # counted in the log by the scan; named here
                     mlflow.log_text(sources.skipped_files_text(source), "skipped_files.txt")
                 mlflow.log_metric("parameters", model.count_params())
@@ -124,7 +125,7 @@ def _train(
             elif state.metrics:
                 tracking.log_epoch_if_missing(run_id, state.metrics, state.epoch)
             _fit(cfg, model, pipelines, ckpt, state, report)
-            _log_outputs(cfg, model, ckpt, run_id, size, source.num_classes)
+            _log_outputs(cfg, model, ckpt, run_id, size, source.class_names)
             return Result(run_id, tracking.final_metrics(run_id))
 
 
@@ -239,7 +240,7 @@ def _fit(
 
 
 def _log_outputs(
-    cfg: DictConfig, model: keras.Model, ckpt: CheckpointDir, run_id: str, size: int, num_classes: int
+    cfg: DictConfig, model: keras.Model, ckpt: CheckpointDir, run_id: str, size: int, class_names: list[str]
 ) -> None:
     import mlflow
 
@@ -252,7 +253,7 @@ def _log_outputs(
         mlflow.log_artifact(str(ckpt.best), artifact_path="checkpoints")
     tracking.log_curves(run_id)
     if cfg.tracking.log_model:
-        tracking.log_model(model, size, num_classes)
+        tracking.log_model(model, size, class_names, cfg.model.name)
 
 
 def _jit(value: object) -> bool | str:
