@@ -1,11 +1,13 @@
-"""The `workbench` command: look at a study while or after it runs.
+"""The `workbench` command: look at a study while or after it runs, and predict with a logged model.
 
     workbench study status lr_batch_decay_dropout     # trials by state, best value and parameters, elapsed
     workbench study best lr_batch_decay_dropout       # the `python run.py ...` command that retrains the best
     workbench study report lr_batch_decay_dropout     # Optuna's plots and the best config, written to a folder
+    workbench predict <run id> photo.jpg photos/      # the top classes of each image, by name
 
 The study file (studies/<name>.yaml) names the storage and the Optuna study; `--storage URL` or any
-`study.<key>=<value>` override given at launch (e.g. study.name=...) points elsewhere. No TensorFlow here.
+`study.<key>=<value>` override given at launch (e.g. study.name=...) points elsewhere. Only `predict`
+loads TensorFlow.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ if TYPE_CHECKING:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
+    if args.topic == "predict":
+        return predict(args)
     try:
         spec, study = _load(args.name, args.storage, args.overrides)
     except ConfigError as exc:
@@ -36,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="workbench", description=__doc__.splitlines()[0])
-    topics = parser.add_subparsers(title="commands", required=True)
+    topics = parser.add_subparsers(title="commands", required=True, dest="topic")
     study = topics.add_parser("study", help="look at an Optuna study (python run.py --multirun study=<name>)")
     commands = study.add_subparsers(title="commands", required=True)
     for name, function, text in (
@@ -51,6 +55,13 @@ def _parser() -> argparse.ArgumentParser:
         command.set_defaults(command=function)
     commands.choices["best"].add_argument("--trial", type=int, help="the command for this trial number instead")
     commands.choices["report"].add_argument("--out", type=Path, help="the folder to write (default: reports/<name>)")
+
+    text = "the top classes of image files, by name, from a run's logged model"
+    command = topics.add_parser("predict", help=text, description=text)
+    command.add_argument("model", help="a run id, runs:/<run id>/model or models:/<name>@<alias>")
+    command.add_argument("files", nargs="+", help="image files, and folders to search for them")
+    command.add_argument("--top", type=int, default=3, help="classes shown per image (default: 3)")
+    command.add_argument("--tracking-uri", help="the MLflow store (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
     return parser
 
 
@@ -117,6 +128,24 @@ def report(study: optuna.Study, spec: Spec, args: argparse.Namespace) -> None:
     print(f"Wrote {len(written)} files to {folder}/:")
     for path in written:
         print(f"  {path.relative_to(folder)}")
+
+
+def predict(args: argparse.Namespace) -> None:
+    from workbench import predict as model
+
+    try:
+        if args.top < 1:
+            raise ConfigError(f"--top {args.top}: must be at least 1")
+        uri, files = model.model_uri(args.model), model.image_files(args.files)
+        keras_model, metadata = model.load(uri, args.tracking_uri)
+    except ConfigError as exc:
+        fail(str(exc))
+    predictions, skipped = model.predict(keras_model, metadata, files, args.top)
+    for line in skipped:
+        print(line, file=sys.stderr)
+    width = max((len(str(p.file)) for p in predictions), default=0)
+    for p in predictions:
+        print(f"{p.file!s:<{width}}  " + "  ".join(f"{name} {probability:.3f}" for name, probability in p.top))
 
 
 def _elapsed(trials: list[optuna.trial.FrozenTrial]) -> str:

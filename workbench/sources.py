@@ -22,7 +22,7 @@ from workbench.config import ConfigError
 
 log = logging.getLogger(__name__)
 
-_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp"}
+SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp"}
 SPLIT_SEED = 0
 
 
@@ -139,7 +139,7 @@ def _image_folder(path: str | None, val_fraction: float) -> Source:
 def _candidates(root: Path, classes: list[str]) -> list[list[Path]]:
     """Files with an image suffix in each class folder, in a stable order."""
     return [
-        [p for p in sorted(folder.rglob("*")) if p.suffix.lower() in _SUFFIXES and p.is_file()]
+        [p for p in sorted(folder.rglob("*")) if p.suffix.lower() in SUFFIXES and p.is_file()]
         if (folder := root / name).is_dir()
         else []
         for name in classes
