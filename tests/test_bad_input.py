@@ -45,6 +45,8 @@ BAD_VALUES = [
     (["data=image_folder"], "data.path", "one sub-folder per class"),
     (["tracking.monitor=val_acc"], "tracking.monitor", "val_accuracy, val_loss"),
     (["tracking.monitor_mode=up"], "tracking.monitor_mode", "auto, min, max"),
+    (["model.freeze=-1"], "model.freeze", "none, backbone"),
+    (["model.freeze=backbone"], "model.freeze", "model.weights is null"),
 ]
 
 
@@ -193,7 +195,7 @@ def test_unknown_key_is_refused_with_the_nearest_keys(workdir: Path, args: list[
 
 def test_an_added_key_is_refused_with_the_keys_of_its_section(workdir: Path) -> None:
     line, _ = refuse(["+model.freeze_backbone=true"], workdir)
-    assert line.endswith("model has: name, input_size, dropout, weights, jit_compile"), line
+    assert line.endswith("model has: name, input_size, dropout, weights, freeze, jit_compile"), line
 
 
 def test_adding_a_key_that_exists_says_how_to_set_it(workdir: Path) -> None:

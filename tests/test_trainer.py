@@ -82,3 +82,44 @@ def test_fine_tune_from_a_checkpoint_keeps_the_backbone_and_renews_the_classifie
         np.testing.assert_array_equal(a, b)
     assert tuned.get_layer("classifier").get_weights()[0].shape[-1] == 4  # a new, re-initialised head
     train(compose_config([*QUIET, f"model.weights={checkpoint}", "optimizer.learning_rate=0.0001"]))
+
+
+@pytest.fixture
+def checkpoint(workdir: Path) -> Path:
+    """A small_cnn checkpoint trained here: the weights that frozen layers must keep."""
+    first = compose_config([*TINY, "tracking.log_model=false", "tracking.checkpoints=best"])
+    train(first)
+    return checkpoint_dir(first) / "best.keras"
+
+
+@pytest.mark.parametrize(
+    ("freeze", "frozen"),
+    [("backbone", ("conv0", "bn0", "conv1", "bn1", "conv2", "bn2")), (4, ("conv0", "bn0", "conv1", "bn1"))],
+    ids=["backbone", "all-but-4"],
+)
+def test_frozen_layers_keep_their_weights_bit_for_bit(checkpoint: Path, freeze: str | int, frozen: tuple) -> None:
+    cfg = compose_config(
+        [*QUIET, f"model.weights={checkpoint}", f"model.freeze={freeze}", "optimizer.learning_rate=0.01"]
+    )
+    train(cfg)
+    before = keras.saving.load_model(checkpoint).get_layer("backbone")
+    after = keras.saving.load_model(checkpoint_dir(cfg) / "last.keras").get_layer("backbone")
+    for layer in before.layers:
+        weights = zip(layer.get_weights(), after.get_layer(layer.name).get_weights(), strict=True)
+        same = all(np.array_equal(a, b) for a, b in weights)
+        # BatchNormalization's moving statistics included: a frozen BN layer runs in inference mode.
+        assert same == (layer.name in frozen or not layer.get_weights()), layer.name
+    tuned = keras.saving.load_model(checkpoint_dir(cfg) / "last.keras").get_layer("classifier").get_weights()[0]
+    assert not np.array_equal(tuned, keras.saving.load_model(checkpoint).get_layer("classifier").get_weights()[0])
+
+
+def test_weights_of_another_architecture_or_too_deep_a_freeze_are_refused(checkpoint: Path) -> None:
+    from workbench import models
+    from workbench.config import ConfigError, validate
+
+    with pytest.raises(ConfigError, match=r"a small_cnn checkpoint, and model=mobilenet_v2 cannot take its weights"):
+        validate(compose_config(["model=mobilenet_v2", f"model.weights={checkpoint}"]))
+    cfg = compose_config([*QUIET, f"model.weights={checkpoint}", "model.freeze=50"])
+    validate(cfg)  # the layer count is known once the model is built
+    with pytest.raises(ConfigError, match=r"model.freeze=50: the backbone of this model has 12 layers"):
+        models.build(cfg.model, num_classes=10)

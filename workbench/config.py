@@ -116,7 +116,8 @@ def validate(cfg: DictConfig) -> None:
                 f"model.input_size={model.input_size}: {model.name} needs at least {arch.min_size} pixels"
             )
     _in_range("model.dropout", model.dropout, 0.0, 1.0, "[0, 1)", closed_high=False)
-    _check_weights(model.weights)
+    _check_weights(model.weights, model.name)
+    _check_freeze(model.get("freeze", "none"), model.weights)
     _one_of("model.jit_compile", str(model.jit_compile).lower(), ("auto", "true", "false"))
 
     _one_of("optimizer.name", opt.name, OPTIMIZERS)
@@ -220,7 +221,7 @@ def _required(key: str) -> str:
     return f"{key}: required by this config; give {_REQUIRED_HINTS.get(key, 'a value')}"
 
 
-def _check_weights(weights: Any) -> None:
+def _check_weights(weights: Any, architecture: str) -> None:
     if weights == REQUIRED:
         raise ConfigError(_required("model.weights"))
     if weights is None or weights == "imagenet":
@@ -236,11 +237,42 @@ def _check_weights(weights: Any) -> None:
                 f"model.weights={weights}: not a Keras archive (a .keras zip with config.json and "
                 "metadata.json), damaged or another format; give a checkpoint saved by Keras 3"
             )
+        saved = _archive_model_name(path)  # the workbench names each model after its architecture
+        if saved in ARCHITECTURES and saved != architecture:
+            raise ConfigError(
+                f"model.weights={weights}: a {saved} checkpoint, and model={architecture} cannot take its "
+                f"weights; give a {architecture} checkpoint, or model={saved}"
+            )
     elif path.suffix not in (".h5", ".hdf5") or not _is_hdf5(path):
         raise ConfigError(
             f"model.weights={weights}: neither a Keras archive (.keras) nor an HDF5 weights file (.h5); "
             "use null, imagenet, or a .keras checkpoint"
         )
+
+
+def _check_freeze(freeze: Any, weights: Any) -> None:
+    """none, backbone, or how many of the backbone's last layers stay trainable (a whole number)."""
+    if freeze == "none":
+        return
+    if freeze != "backbone" and (isinstance(freeze, bool) or not isinstance(freeze, int) or freeze < 0):
+        raise ConfigError(
+            f"model.freeze={freeze}: must be none, backbone, or the number of the backbone's last layers "
+            "left trainable (0 or more)"
+        )
+    if weights is None:
+        raise ConfigError(
+            f"model.freeze={freeze}: model.weights is null, so the frozen layers would keep their random "
+            "initial values; give model.weights (imagenet or a .keras checkpoint) or model.freeze=none"
+        )
+
+
+def _archive_model_name(path: Path) -> str | None:
+    import json
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        name = json.loads(archive.read("config.json")).get("config", {}).get("name")
+    return name if isinstance(name, str) else None
 
 
 def _is_hdf5(path: Path) -> bool:

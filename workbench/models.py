@@ -87,6 +87,8 @@ def build(model_cfg: DictConfig, num_classes: int) -> keras.Model:
         source = keras.saving.load_model(checkpoint, compile=False)
         backbone.set_weights(source.get_layer("backbone").get_weights())
 
+    _freeze(backbone, model_cfg.get("freeze", "none"))
+
     inputs = keras.Input(shape, name="images")
     x = backbone(inputs)
     x = keras.layers.Dropout(model_cfg.dropout, name="dropout")(x)
@@ -94,6 +96,23 @@ def build(model_cfg: DictConfig, num_classes: int) -> keras.Model:
     # Under mixed precision the softmax must stay float32, or probabilities and the loss lose precision.
     outputs = keras.layers.Activation("softmax", dtype="float32", name="probabilities")(x)
     return keras.Model(inputs, outputs, name=model_cfg.name)
+
+
+def _freeze(backbone: keras.Model, freeze: str | int) -> None:
+    """Freeze the whole backbone, or all but its last `freeze` layers. Keras runs a frozen
+    BatchNormalization layer in inference mode, so its moving statistics stay as loaded too."""
+    from workbench.config import ConfigError
+
+    if freeze == "none":
+        return
+    layers = backbone.layers
+    if freeze == "backbone":
+        backbone.trainable = False
+        return
+    if int(freeze) > len(layers):
+        raise ConfigError(f"model.freeze={freeze}: the {backbone.name} of this model has {len(layers)} layers")
+    for layer in layers[: len(layers) - int(freeze)]:
+        layer.trainable = False
 
 
 def _small_cnn(shape: tuple[int, int, int]) -> keras.Model:
