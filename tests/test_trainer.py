@@ -123,3 +123,36 @@ def test_weights_of_another_architecture_or_too_deep_a_freeze_are_refused(checkp
     validate(cfg)  # the layer count is known once the model is built
     with pytest.raises(ConfigError, match=r"model.freeze=50: the backbone of this model has 12 layers"):
         models.build(cfg.model, num_classes=10)
+
+
+def test_weights_from_an_mlflow_run_or_its_logged_model(workdir: Path) -> None:
+    import mlflow
+
+    from workbench.config import ConfigError
+
+    def backbone_weights(path: Path | str) -> list[np.ndarray]:
+        model = keras.saving.load_model(path) if str(path).endswith(".keras") else mlflow.keras.load_model(path)
+        return model.get_layer("backbone").get_weights()
+
+    first = compose_config([*TINY, "tracking.log_model=false", "tracking.checkpoints=best"])
+    with_checkpoint = train(first).run_id
+    with_model = train(compose_config([*QUIET, "tracking.log_model=true", "trainer.seed=1"])).run_id
+    sources = {
+        with_checkpoint: checkpoint_dir(first) / "best.keras",  # a run id: its best checkpoint
+        f"runs:/{with_checkpoint}": checkpoint_dir(first) / "best.keras",
+        with_model: f"runs:/{with_model}/model",  # no checkpoint uploaded: its logged model
+    }
+    for weights, origin in sources.items():
+        cfg = compose_config([*QUIET, f"model.weights={weights}", "model.freeze=backbone"])
+        train(cfg)
+        tuned = backbone_weights(checkpoint_dir(cfg) / "last.keras")
+        assert all(np.array_equal(a, b) for a, b in zip(backbone_weights(origin), tuned, strict=True)), weights
+
+    with pytest.raises(ConfigError, match=f"model.weights={'0' * 32}: no run {'0' * 32} in sqlite:"):
+        train(compose_config([*QUIET, f"model.weights={'0' * 32}"]))
+    with pytest.raises(ConfigError, match="a small_cnn checkpoint, and model=mobilenet_v2 cannot take its weights"):
+        train(
+            compose_config(
+                [*QUIET, "model=mobilenet_v2", "model.input_size=32", f"model.weights=runs:/{with_checkpoint}"]
+            )
+        )

@@ -226,6 +226,8 @@ def _check_weights(weights: Any, architecture: str) -> None:
         raise ConfigError(_required("model.weights"))
     if weights is None or weights == "imagenet":
         return
+    if mlflow_weights(weights):
+        return  # checked once MLflow loads, when the trainer fetches them (tracking.local_weights)
     path = Path(str(weights)).expanduser()
     if not path.is_file():
         raise ConfigError(f"model.weights={weights}: no such file; use null, imagenet, or a checkpoint path")
@@ -237,12 +239,7 @@ def _check_weights(weights: Any, architecture: str) -> None:
                 f"model.weights={weights}: not a Keras archive (a .keras zip with config.json and "
                 "metadata.json), damaged or another format; give a checkpoint saved by Keras 3"
             )
-        saved = _archive_model_name(path)  # the workbench names each model after its architecture
-        if saved in ARCHITECTURES and saved != architecture:
-            raise ConfigError(
-                f"model.weights={weights}: a {saved} checkpoint, and model={architecture} cannot take its "
-                f"weights; give a {architecture} checkpoint, or model={saved}"
-            )
+        check_architecture(weights, path, architecture)
     elif path.suffix not in (".h5", ".hdf5") or not _is_hdf5(path):
         raise ConfigError(
             f"model.weights={weights}: neither a Keras archive (.keras) nor an HDF5 weights file (.h5); "
@@ -266,13 +263,23 @@ def _check_freeze(freeze: Any, weights: Any) -> None:
         )
 
 
-def _archive_model_name(path: Path) -> str | None:
+def mlflow_weights(weights: Any) -> bool:
+    """model.weights naming an MLflow run (`runs:/<id>`, a bare run id) or a registered model (`models:/`)."""
+    return isinstance(weights, str) and bool(re.fullmatch(r"[0-9a-f]{32}|runs:/.+|models:/.+", weights))
+
+
+def check_architecture(weights: Any, path: Path, architecture: str) -> None:
+    """Refuse a .keras checkpoint of another architecture (the workbench names each model after its own)."""
     import json
     import zipfile
 
     with zipfile.ZipFile(path) as archive:
-        name = json.loads(archive.read("config.json")).get("config", {}).get("name")
-    return name if isinstance(name, str) else None
+        saved = json.loads(archive.read("config.json")).get("config", {}).get("name")
+    if saved in ARCHITECTURES and saved != architecture:
+        raise ConfigError(
+            f"model.weights={weights}: a {saved} checkpoint, and model={architecture} cannot take its "
+            f"weights; give a {architecture} checkpoint, or model={saved}"
+        )
 
 
 def _is_hdf5(path: Path) -> bool:

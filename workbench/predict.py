@@ -62,7 +62,6 @@ def load(uri: str, tracking_uri: str | None) -> tuple[Any, dict[str, Any]]:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per model file otherwise
     if tracking_uri:
         mlflow.set_tracking_uri(sqlalchemy_url(tracking_uri))
     elif not os.environ.get("MLFLOW_TRACKING_URI") and not Path("mlflow.db").is_file():

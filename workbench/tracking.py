@@ -12,7 +12,7 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from tempfile import TemporaryDirectory
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import mlflow
 from mlflow.exceptions import MlflowException
@@ -137,6 +137,53 @@ def run(
         raise
     finally:
         mlflow.end_run(status)
+
+
+@contextlib.contextmanager
+def local_weights(model_cfg: DictConfig) -> Iterator[DictConfig]:
+    """The model config, with model.weights that name an MLflow run or registered model replaced by a
+    downloaded .keras file, deleted afterwards. A run gives its best checkpoint, else its last one, else
+    its logged model; `runs:/<id>` and a bare run id are the same."""
+    from omegaconf import OmegaConf
+
+    from workbench.config import check_architecture, mlflow_weights
+
+    weights = model_cfg.weights
+    if not mlflow_weights(weights):
+        yield model_cfg
+        return
+    with TemporaryDirectory() as folder:
+        path = _download_weights(str(weights), Path(folder))
+        check_architecture(weights, path, model_cfg.name)
+        yield cast(DictConfig, OmegaConf.merge(model_cfg, {"weights": str(path)}))  # a mapping merged: a DictConfig
+
+
+def _download_weights(weights: str, folder: Path) -> Path:
+    store = redact(mlflow.get_tracking_uri())
+    if weights.startswith("models:/"):
+        uri = weights
+    else:
+        run_id = weights.removeprefix("runs:/").strip("/").split("/")[0]
+        try:
+            saved = {a.path for a in MlflowClient().list_artifacts(run_id, "checkpoints")}
+        except MlflowException:
+            raise ConfigError(f"model.weights={weights}: no run {run_id} in {store}") from None
+        for name in ("checkpoints/best.keras", "checkpoints/last.keras"):
+            if name in saved:
+                return Path(
+                    mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=name, dst_path=str(folder))
+                )
+        uri = f"runs:/{run_id}/model"
+    try:
+        model = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(folder))) / "data" / "model.keras"
+    except (MlflowException, OSError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(
+            f"model.weights={weights}: no checkpoint or logged model there in {store} ({reason})"
+        ) from None
+    if not model.is_file():
+        raise ConfigError(f"model.weights={weights}: not a Keras model logged by the workbench")
+    return model
 
 
 def log_config(cfg: DictConfig, hydra_dir: Path | None) -> None:

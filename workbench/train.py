@@ -105,8 +105,10 @@ def _train(
         ckpt.clear()
     experiment_id = tracking.configure(cfg.tracking)  # a server that refuses us fails before TensorFlow loads
 
-    with _keras_session(cfg.trainer) as strategy:
-        model, pipelines = _prepare(cfg, source, size, ckpt, state, strategy)
+    # Weights from an MLflow run or registered model are fetched before TensorFlow loads; a resume has its own.
+    weights = contextlib.nullcontext(cfg.model) if state.epoch else tracking.local_weights(cfg.model)
+    with weights as model_cfg, _keras_session(cfg.trainer) as strategy:
+        model, pipelines = _prepare(cfg, model_cfg, source, size, ckpt, state, strategy)
         run_tags = tracking.run_tags(cfg, context.choices, context.overrides, config_hash(cfg)) | (tags or {})
         with tracking.run(
             cfg.tracking, experiment_id, run_id=state.run_id, parent_run_id=parent_run_id, tags=run_tags
@@ -144,6 +146,7 @@ def _log_config(cfg: DictConfig, context: RunContext) -> None:
 
 def _prepare(
     cfg: DictConfig,
+    model_cfg: DictConfig,
     source: sources.Source,
     size: int,
     ckpt: CheckpointDir,
@@ -162,7 +165,7 @@ def _prepare(
             model = keras.saving.load_model(ckpt.last)
             restore_rng(model, state.rng)
         else:
-            model = models.build(cfg.model, source.num_classes)
+            model = models.build(model_cfg, source.num_classes)
             model.compile(
                 optimizer=optim.build_optimizer(opt, cfg.schedule, pipelines.steps_per_epoch, cfg.trainer.epochs),
                 loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.trainer.label_smoothing),
