@@ -172,3 +172,16 @@ def _group_alive(pgid: int) -> bool:
 
 def _experiments(cwd: Path) -> list[str]:
     return [e.experiment_id for e in MlflowClient(tracking_uri(cwd)).search_experiments()]
+
+
+def test_a_stop_during_a_held_write_is_raised_once_the_write_is_done() -> None:
+    # What the epoch-end writes (checkpoint, metrics, the study report) rely on: never cut in half.
+    written = []
+    with signals.stop_on_signals(), pytest.raises(signals.Terminated):
+        with signals.held():
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler runs at once, between two bytecodes
+            written.append("first half")
+            written.append("second half")
+        written.append("after the write")
+    assert written == ["first half", "second half"]
+    assert signals.received() == signal.SIGTERM

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import keras
 import mlflow
 
-from workbench import tracking
+from workbench import signals, tracking
 from workbench.checkpoints import CheckpointDir, State, improved, minimizes, save_rng
 
 # (epoch from 1, metrics) -> stop? Studies pass one that reports to the Optuna trial and answers whether
@@ -61,7 +61,9 @@ class Report(keras.callbacks.Callback):
         self.report = report
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        if self.report(epoch + 1, {k: float(v) for k, v in (logs or {}).items()}):
+        with signals.held():
+            stop = self.report(epoch + 1, {k: float(v) for k, v in (logs or {}).items()})
+        if stop:
             self.model.stop_training = True
 
 
@@ -74,9 +76,10 @@ class MlflowEpochs(keras.callbacks.Callback):
         self.every_epoch = every_epoch
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        tracking.log_epoch({k: float(v) for k, v in (logs or {}).items()}, epoch + 1)
-        if self.every_epoch is not None:
-            mlflow.log_artifact(str(self.every_epoch.epoch_file(epoch + 1)), artifact_path="checkpoints")
+        with signals.held():
+            tracking.log_epoch({k: float(v) for k, v in (logs or {}).items()}, epoch + 1)
+            if self.every_epoch is not None:
+                mlflow.log_artifact(str(self.every_epoch.epoch_file(epoch + 1)), artifact_path="checkpoints")
 
 
 class Checkpointer(keras.callbacks.Callback):
@@ -96,7 +99,10 @@ class Checkpointer(keras.callbacks.Callback):
         self.best_improved = False
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        logs = logs or {}
+        with signals.held():
+            self._save(epoch, logs or {})
+
+    def _save(self, epoch: int, logs: dict) -> None:
         self.dir.save(self.model, self.dir.last)
         if self.keep_every:
             self.dir.copy_last(self.dir.epoch_file(epoch + 1))

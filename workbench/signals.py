@@ -31,6 +31,8 @@ _received: signal.Signals | None = None  # the first stop signal of the outermos
 _depth = 0  # scopes entered on the main thread; only the outermost installs handlers
 _defer = False  # the outermost scope only records (its workers, other processes, stop themselves)
 _raised = False  # a stop is being handled: further signals must not interrupt its clean-up
+_holding = 0  # inside held(): a stop waits until the write in progress is done
+_pending = False  # a stop arrived while held
 
 
 def received() -> signal.Signals | None:
@@ -51,6 +53,22 @@ def check() -> None:
 
 def _exception(signum: signal.Signals) -> KeyboardInterrupt:
     return Terminated(f"signal {int(signum)}") if signum in STOP_SIGNALS else KeyboardInterrupt()
+
+
+@contextlib.contextmanager
+def held() -> Iterator[None]:
+    """A write that must not be cut in half (a checkpoint, an epoch's metrics, a report to the study): a
+    stop signal that arrives meanwhile is raised when it is done. A KeyboardInterrupt inside a database
+    write could leave the store's connection unusable, and the run could then not be ended KILLED."""
+    global _holding, _pending, _raised
+    _holding += 1
+    try:
+        yield
+    finally:
+        _holding -= 1
+    if not _holding and _pending:
+        _pending, _raised = False, True
+        raise _exception(_received or signal.SIGINT)
 
 
 @contextlib.contextmanager
@@ -88,10 +106,13 @@ def stop_on_signals(defer: bool = False) -> Iterator[None]:
 
 
 def _handler(signum: int, frame: object) -> None:
-    global _raised, _received
+    global _pending, _raised, _received
     first = _received is None
     if first:
         _received = signal.Signals(signum)
+    if _holding and not _raised and not _defer:
+        _pending = True
+        return
     if first and _defer:
         print(
             f"Stopping ({signal.Signals(signum).name}): waiting for the workers to hand back their trials; "
