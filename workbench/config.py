@@ -58,6 +58,12 @@ class ConfigError(ValueError):
     """A bad config value or data path; the message is one line that names the key or file."""
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (libraries' messages span lines), else its type's name."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
 def parse_overrides(overrides: Iterable[str]) -> list[Override]:
     """Hydra's reading of command-line overrides; one that does not parse is a ConfigError naming it."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -69,7 +75,7 @@ def parse_overrides(overrides: Iterable[str]) -> list[Override]:
         try:
             parsed.append(parser.parse_override(override))
         except HydraException as exc:
-            reason = str(exc).strip().splitlines()[0]
+            reason = first_line(exc)
             raise ConfigError(f"{override}: not an override Hydra can read ({reason}); write key=value") from None
     return parsed
 

@@ -21,6 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 from workbench.config import (
     ConfigError,
     check_choices,
+    first_line,
     parse_overrides,
     sweep_values,
     validate,
@@ -144,7 +145,7 @@ def _compose(overrides: list[str]) -> DictConfig:
     try:
         return compose("config", overrides=overrides, return_hydra_config=True)
     except (HydraException, OmegaConfBaseException) as exc:  # multi-line; the first says what is wrong
-        raise ConfigError(str(exc).strip().splitlines()[0]) from None
+        raise ConfigError(first_line(exc)) from None
 
 
 def _shapes_composition(override: Override, conf: Path) -> bool:
@@ -234,5 +235,5 @@ def _apply(cfg: DictConfig, override: Override, value: Any) -> None:
         else:
             OmegaConf.update(cfg, key, value, merge=True, force_add=override.is_add() or override.is_force_add())
     except OmegaConfBaseException as exc:
-        reason = str(exc).strip().splitlines()[0]
+        reason = first_line(exc)
         raise ConfigError(f"{override.get_key_element()}={value}: {reason}") from None

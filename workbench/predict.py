@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from workbench import readable
-from workbench.config import ConfigError, redact, sqlalchemy_url
+from workbench.config import ConfigError, first_line, redact, sqlalchemy_url
 from workbench.sources import SUFFIXES
 
 RUN_ID = re.compile(r"[0-9a-f]{32}")
@@ -71,7 +71,7 @@ def load(uri: str, tracking_uri: str | None) -> tuple[Any, dict[str, Any]]:
     try:
         metadata = mlflow.models.get_model_info(uri).metadata or {}
     except (MlflowException, OSError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         raise ConfigError(
             f"{uri}: no logged model there in {shown} ({reason}); runs log one unless tracking.log_model=false"
         ) from None

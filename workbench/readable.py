@@ -23,6 +23,8 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from workbench.config import first_line
+
 # First bytes of each format tf.io.decode_image reads.
 SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")
 NOT_AN_IMAGE = "not a JPEG, PNG, GIF or BMP file"
@@ -85,15 +87,10 @@ def why_unreadable(path: Path) -> str | None:
     except UnidentifiedImageError:
         return NOT_AN_IMAGE
     except OSError as exc:
-        return f"{_READ_ERROR}{exc.strerror}" if exc.strerror else f"cannot decode: {_one_line(exc)}"
+        return f"{_READ_ERROR}{exc.strerror}" if exc.strerror else f"cannot decode: {first_line(exc)}"
     except Exception as exc:
-        return f"cannot decode: {_one_line(exc)}"
+        return f"cannot decode: {first_line(exc)}"
     return None
-
-
-def _one_line(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 # --- cache -------------------------------------------------------------------------------------------

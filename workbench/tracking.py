@@ -20,7 +20,15 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 from workbench import signals
-from workbench.config import RUN_CONTROL_KEYS, ConfigError, flatten, redact, redacted_yaml, sqlalchemy_url
+from workbench.config import (
+    RUN_CONTROL_KEYS,
+    ConfigError,
+    first_line,
+    flatten,
+    redact,
+    redacted_yaml,
+    sqlalchemy_url,
+)
 
 if TYPE_CHECKING:
     import keras
@@ -177,7 +185,7 @@ def _download_weights(weights: str, folder: Path) -> Path:
     try:
         model = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(folder))) / "data" / "model.keras"
     except (MlflowException, OSError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         raise ConfigError(
             f"model.weights={weights}: no checkpoint or logged model there in {store} ({reason})"
         ) from None

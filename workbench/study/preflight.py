@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from workbench.config import CHOICE_GROUPS, ConfigError, check_choices, validate
+from workbench.config import CHOICE_GROUPS, ConfigError, check_choices, first_line, validate
 from workbench.study import compose, samplers
 from workbench.study.space import Param
 from workbench.study.spec import Spec
@@ -52,7 +52,7 @@ def _compose(overrides: Sequence[str], what: str) -> DictConfig:
     except ConfigError:
         raise
     except Exception as exc:  # Hydra's composition errors span lines; the first says what is wrong
-        raise ConfigError(f"{what}: {str(exc).strip().splitlines()[0]}") from exc
+        raise ConfigError(f"{what}: {first_line(exc)}") from exc
 
 
 def _check_group(param: Param, base: Sequence[str], options: list[str]) -> None:

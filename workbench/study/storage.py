@@ -9,7 +9,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
 
-from workbench.config import ConfigError, redact, sqlalchemy_url
+from workbench.config import ConfigError, first_line, redact, sqlalchemy_url
 
 if TYPE_CHECKING:
     import optuna
@@ -41,7 +41,7 @@ def open_storage(spec: Spec, heartbeat: bool = False) -> optuna.storages.RDBStor
         try:
             return RDBStorage(sqlalchemy_url(spec.storage), engine_kwargs=engine, **options)
         except Exception as exc:  # a driver missing, a server down, a bad URL
-            reason = redact(str(exc).strip().splitlines()[0])
+            reason = redact(first_line(exc))
             raise ConfigError(f"study.storage={redact(spec.storage)}: cannot open it: {reason}") from exc
 
 
