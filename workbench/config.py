@@ -232,7 +232,7 @@ def _check_weights(weights: Any, architecture: str) -> None:
         raise ConfigError(_required("model.weights"))
     if weights is None or weights == "imagenet":
         return
-    if mlflow_weights(weights):
+    if mlflow_reference(weights):
         return  # checked once MLflow loads, when the trainer fetches them (tracking.local_weights)
     path = Path(str(weights)).expanduser()
     if not path.is_file():
@@ -269,9 +269,12 @@ def _check_freeze(freeze: Any, weights: Any) -> None:
         )
 
 
-def mlflow_weights(weights: Any) -> bool:
-    """model.weights naming an MLflow run (`runs:/<id>`, a bare run id) or a registered model (`models:/`)."""
-    return isinstance(weights, str) and bool(re.fullmatch(r"[0-9a-f]{32}|runs:/.+|models:/.+", weights))
+RUN_ID = re.compile(r"[0-9a-f]{32}")  # an MLflow run id, as the UI shows it
+
+
+def mlflow_reference(value: Any) -> bool:
+    """An MLflow run (a bare run id, `runs:/...`) or a registered model (`models:/...`)."""
+    return isinstance(value, str) and (bool(RUN_ID.fullmatch(value)) or value.startswith(("runs:/", "models:/")))
 
 
 def check_architecture(weights: Any, path: Path, architecture: str) -> None:

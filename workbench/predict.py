@@ -7,17 +7,15 @@ images are in training (RGB, bilinear, aspect ratio not kept).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from workbench import readable
-from workbench.config import ConfigError, first_line, redact, sqlalchemy_url
+from workbench.config import RUN_ID, ConfigError, first_line, mlflow_reference, redact, sqlalchemy_url
 from workbench.sources import SUFFIXES
 
-RUN_ID = re.compile(r"[0-9a-f]{32}")
 BATCH = 64
 
 
@@ -29,10 +27,8 @@ class Prediction:
 
 def model_uri(reference: str) -> str:
     """A run id stands for that run's logged model; runs:/ and models:/ URIs pass as they are."""
-    if RUN_ID.fullmatch(reference):
-        return f"runs:/{reference}/model"
-    if reference.startswith(("runs:/", "models:/")):
-        return reference
+    if mlflow_reference(reference):
+        return f"runs:/{reference}/model" if RUN_ID.fullmatch(reference) else reference
     raise ConfigError(
         f"{reference}: not a run id or a model URI; give a run id, runs:/<run id>/model or models:/<name>@<alias>"
     )

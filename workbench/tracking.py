@@ -154,10 +154,10 @@ def local_weights(model_cfg: DictConfig) -> Iterator[DictConfig]:
     its logged model; `runs:/<id>` and a bare run id are the same."""
     from omegaconf import OmegaConf
 
-    from workbench.config import check_architecture, mlflow_weights
+    from workbench.config import check_architecture, mlflow_reference
 
     weights = model_cfg.weights
-    if not mlflow_weights(weights):
+    if not mlflow_reference(weights):
         yield model_cfg
         return
     with TemporaryDirectory() as folder:
