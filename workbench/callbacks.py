@@ -1,4 +1,5 @@
-"""Keras callbacks the trainer adds to every fit: epoch timing and learning rate, divergence, reporting."""
+"""Keras callbacks the trainer adds to a fit: epoch timing and learning rate, divergence, reporting,
+checkpoints, MLflow, and the switch of a two-phase fine-tune."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from collections.abc import Callable
 import keras
 import mlflow
 
-from workbench import signals, tracking
+from workbench import models, signals, tracking
 from workbench.checkpoints import CheckpointDir, State, improved, minimizes, save_rng
 
 # (epoch from 1, metrics) -> stop? Studies pass one that reports to the Optuna trial and answers whether
@@ -51,6 +52,31 @@ class EpochMetrics(keras.callbacks.Callback):
         loss = logs.get("loss")
         if loss is not None and not math.isfinite(loss):
             raise Diverged(f"training loss became {loss} in epoch {epoch + 1}")
+
+
+class Unfreeze(keras.callbacks.Callback):
+    """Two-phase fine-tuning: the first `frozen_epochs` epochs train with `model.freeze`, the rest with the
+    backbone unfrozen (models.unfreeze); the train step is traced again at the switch.
+
+    The optimizer is built for the second phase's variables from the start, so the switch keeps it: the
+    schedule, the step count and the classifier's slots go on. Between epochs the model carries the second
+    phase's flags, so every checkpoint holds the optimizer's slots for every variable and loads back whole
+    on resume; a first-phase epoch freezes again before its first step runs.
+    """
+
+    def __init__(self, setting: str | int, frozen_epochs: int):
+        super().__init__()
+        self.setting, self.frozen_epochs = setting, frozen_epochs
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        if epoch < self.frozen_epochs:
+            models.freeze(self.model.get_layer("backbone"), self.setting)
+        elif epoch == self.frozen_epochs:
+            self.model.make_train_function(force=True)
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if epoch < self.frozen_epochs:
+            models.unfreeze(self.model.get_layer("backbone"), self.setting)
 
 
 class Report(keras.callbacks.Callback):

@@ -49,8 +49,10 @@ RUN_CONTROL_KEYS = ("trainer.resume", "trainer.checkpoint_dir")
 # group's `weights: null` keeps the null (OmegaConf merges skip missing values).
 REQUIRED = "required"
 _REQUIRED_HINTS = {
-    "data.path": "a folder with one sub-folder per class, e.g. data.path=~/images",
-    "model.weights": "a .keras checkpoint or imagenet (needs network access), e.g. model.weights=~/run/last.keras",
+    "data.path": "a folder with one sub-folder per class (data=tfrecord: one workbench data build wrote), "
+    "e.g. data.path=~/images",
+    "model.weights": "a .keras checkpoint, an MLflow run or imagenet (needs network access), "
+    "e.g. model.weights=runs:/<run id>",
 }
 
 
@@ -123,7 +125,9 @@ def validate(cfg: DictConfig) -> None:
             )
     _in_range("model.dropout", model.dropout, 0.0, 1.0, "[0, 1)", closed_high=False)
     _check_weights(model.weights, model.name)
-    _check_freeze(model.get("freeze", "none"), model.weights)
+    _check_freeze(model.freeze, model.weights)
+    if not isinstance(model.new_classifier, bool):
+        raise ConfigError(f"model.new_classifier={model.new_classifier}: must be true or false")
     _one_of("model.jit_compile", str(model.jit_compile).lower(), ("auto", "true", "false"))
 
     _one_of("optimizer.name", opt.name, OPTIMIZERS)
@@ -182,6 +186,7 @@ def validate(cfg: DictConfig) -> None:
     _one_of("trainer.mixed_precision", trainer.mixed_precision, PRECISIONS)
     _one_of("trainer.distribute", trainer.distribute, STRATEGIES)
     _positive("trainer.gpus_per_job", trainer.gpus_per_job, integer=True)
+    _check_freeze_epochs(trainer.freeze_epochs, trainer.epochs, model.freeze)
     _one_of("tracking.checkpoints", tracking.checkpoints, CHECKPOINT_UPLOADS)
     _one_of("tracking.monitor", tracking.monitor, MONITORED)
     _one_of("tracking.monitor_mode", tracking.monitor_mode, ("auto", "min", "max"))
@@ -266,6 +271,23 @@ def _check_freeze(freeze: Any, weights: Any) -> None:
         raise ConfigError(
             f"model.freeze={freeze}: model.weights is null, so the frozen layers would keep their random "
             "initial values; give model.weights (imagenet or a .keras checkpoint) or model.freeze=none"
+        )
+
+
+def _check_freeze_epochs(epochs: Any, total: int, freeze: Any) -> None:
+    """How many first epochs keep model.freeze before the backbone unfreezes: null, or 1 to trainer.epochs - 1."""
+    if epochs is None:
+        return
+    _positive("trainer.freeze_epochs", epochs, integer=True)
+    if freeze == "none":
+        raise ConfigError(
+            f"trainer.freeze_epochs={epochs}: model.freeze is none, so there is nothing to unfreeze; "
+            "give model.freeze=backbone (or N) too"
+        )
+    if epochs >= total:
+        raise ConfigError(
+            f"trainer.freeze_epochs={epochs}: the backbone would never unfreeze in trainer.epochs={total}; "
+            f"use fewer, or trainer.freeze_epochs=null to keep model.freeze={freeze} throughout"
         )
 
 

@@ -62,7 +62,11 @@ def preprocessing(name: str, size: int) -> str:
 
 
 def build(model_cfg: DictConfig, num_classes: int) -> keras.Model:
-    """Backbone (named `backbone`) -> dropout -> dense -> float32 softmax."""
+    """Backbone (named `backbone`) -> dropout -> dense (`classifier`) -> float32 softmax.
+
+    From a checkpoint of ours the backbone is loaded, and the classifier too when it has `num_classes`
+    outputs and `model.new_classifier` is false (the Inception trainer's `fine_tune` flag renews it).
+    """
     import keras
 
     size = input_size(model_cfg)
@@ -83,11 +87,6 @@ def build(model_cfg: DictConfig, num_classes: int) -> keras.Model:
             pooling="avg",
             name="backbone",
         )
-    if checkpoint:
-        source = keras.saving.load_model(checkpoint, compile=False)
-        backbone.set_weights(source.get_layer("backbone").get_weights())
-
-    _freeze(backbone, model_cfg.get("freeze", "none"))
 
     inputs = keras.Input(shape, name="images")
     x = backbone(inputs)
@@ -95,23 +94,50 @@ def build(model_cfg: DictConfig, num_classes: int) -> keras.Model:
     x = keras.layers.Dense(num_classes, name="classifier")(x)
     # Under mixed precision the softmax must stay float32, or probabilities and the loss lose precision.
     outputs = keras.layers.Activation("softmax", dtype="float32", name="probabilities")(x)
-    return keras.Model(inputs, outputs, name=model_cfg.name)
+    model = keras.Model(inputs, outputs, name=model_cfg.name)
+
+    if checkpoint:
+        source = keras.saving.load_model(checkpoint, compile=False)
+        backbone.set_weights(source.get_layer("backbone").get_weights())
+        classifier = source.get_layer("classifier").get_weights()
+        if classifier[0].shape[-1] == num_classes and not model_cfg.get("new_classifier", False):
+            model.get_layer("classifier").set_weights(classifier)
+    freeze(backbone, model_cfg.freeze)
+    return model
 
 
-def _freeze(backbone: keras.Model, freeze: str | int) -> None:
-    """Freeze the whole backbone, or all but its last `freeze` layers. Keras runs a frozen
+def freeze(backbone: keras.Model, setting: str | int) -> None:
+    """Freeze the whole backbone (`backbone`), or all but its last N layers (an integer). Keras runs a frozen
     BatchNormalization layer in inference mode, so its moving statistics stay as loaded too."""
     from workbench.config import ConfigError
 
-    if freeze == "none":
+    if setting == "none":
         return
-    layers = backbone.layers
-    if freeze == "backbone":
+    if setting == "backbone":
         backbone.trainable = False
         return
-    if int(freeze) > len(layers):
-        raise ConfigError(f"model.freeze={freeze}: the {backbone.name} of this model has {len(layers)} layers")
-    for layer in layers[: len(layers) - int(freeze)]:
+    layers = backbone.layers
+    if int(setting) > len(layers):
+        raise ConfigError(f"model.freeze={setting}: the {backbone.name} of this model has {len(layers)} layers")
+    for layer in layers[: len(layers) - int(setting)]:
+        layer.trainable = False
+
+
+def unfreeze(backbone: keras.Model, setting: str | int) -> None:
+    """The second phase of a two-phase fine-tune: every layer `freeze(backbone, setting)` froze trains again,
+    except BatchNormalization layers, which stay in inference mode with their loaded statistics (as Keras's
+    fine-tuning examples do: a small batch's statistics would wreck them)."""
+    import keras
+
+    if setting == "none":
+        return
+    frozen_norms = [
+        layer
+        for layer in backbone.layers
+        if isinstance(layer, keras.layers.BatchNormalization) and not (backbone.trainable and layer.trainable)
+    ]
+    backbone.trainable = True  # sets every layer's flag
+    for layer in frozen_norms:
         layer.trainable = False
 
 

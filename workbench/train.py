@@ -166,6 +166,8 @@ def _prepare(
             restore_rng(model, state.rng)
         else:
             model = models.build(model_cfg, source.num_classes)
+            if cfg.trainer.freeze_epochs:  # the optimizer is built for both phases (callbacks.Unfreeze)
+                models.unfreeze(model.get_layer("backbone"), model_cfg.freeze)
             model.compile(
                 optimizer=optim.build_optimizer(opt, cfg.schedule, pipelines.steps_per_epoch, cfg.trainer.epochs),
                 loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.trainer.label_smoothing),
@@ -184,6 +186,8 @@ def _prepare(
             # step, and TensorFlow then traces that step a second time; built here, it is traced once
             # (NASNetLarge: half a minute saved).
             model.optimizer.build(model.trainable_variables)
+        if opt.ema is not None and state.epoch:
+            optim.warm_up_ema(model.optimizer)  # a method of the instance, so not in the checkpoint
         if opt.l2_kernels_only and opt.weight_decay:
             models.add_kernel_l2(model, opt.weight_decay)
     return model, pipelines
@@ -199,7 +203,7 @@ def _fit(
 ) -> None:
     import keras
 
-    from workbench.callbacks import Checkpointer, EpochMetrics, MlflowEpochs, Report
+    from workbench.callbacks import Checkpointer, EpochMetrics, MlflowEpochs, Report, Unfreeze
 
     uploads = cfg.tracking.checkpoints
     callbacks = [
@@ -207,6 +211,8 @@ def _fit(
         # Report to the study before the checkpoint, so a retry that resumes from it never leaves an
         # epoch unreported; checkpoint before logging, so MLflow's epochs always have one to resume from.
         *([Report(report)] if report is not None else []),
+        # Before the checkpoint, which must hold the second phase's flags (see Unfreeze).
+        *([Unfreeze(cfg.model.freeze, cfg.trainer.freeze_epochs)] if cfg.trainer.freeze_epochs else []),
         Checkpointer(
             ckpt,
             state,
