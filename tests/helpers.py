@@ -82,6 +82,40 @@ def corrupt_jpeg(seed: int) -> bytes:
     return bytes(data)
 
 
+# (name, Pillow format, mode): upper-case suffixes, spaces, accents, grayscale and RGBA PNGs, a nested file.
+ODD_FILES = (
+    ("photo {i}.JPG", "JPEG", "RGB"),
+    ("été {i}.jpeg", "JPEG", "RGB"),
+    ("grey {i}.PNG", "PNG", "L"),
+    ("alpha {i}.png", "PNG", "RGBA"),
+    ("nested/ünï {i}.jpg", "JPEG", "L"),
+    ("IMG_{i}.Jpg", "JPEG", "RGB"),
+)
+
+
+def image_bytes(seed: int, fmt: str, mode: str) -> bytes:
+    """An image of random pixels and random size (12-39 px a side) in the given Pillow format and mode."""
+    rng = np.random.default_rng(seed)
+    h, w = rng.integers(12, 40, size=2)
+    channels = {"L": 1, "RGB": 3, "RGBA": 4}[mode]
+    pixels = rng.integers(0, 256, size=(h, w, channels), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels[..., 0] if channels == 1 else pixels).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def odd_image_folder(root: Path, classes: tuple[str, ...], per_class: int, corrupt: str) -> Path:
+    """An image folder as users have them: the file names of ODD_FILES in turn, and one corrupt JPEG."""
+    for c, name in enumerate(classes):
+        for i in range(per_class):
+            pattern, fmt, mode = ODD_FILES[i % len(ODD_FILES)]
+            path = root / name / pattern.format(i=i)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(image_bytes(100 * c + i, fmt, mode))
+    (root / corrupt).write_bytes(corrupt_jpeg(7))
+    return root
+
+
 # --- PostgreSQL and an MLflow tracking server, for the cluster tests -------------------------------------
 
 POSTGRES = os.environ.get("WORKBENCH_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")

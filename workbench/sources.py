@@ -1,4 +1,5 @@
-"""Where the images come from: built-in digits, an image folder, or synthetic tensors.
+"""Where the images come from: built-in digits, an image folder, its sharded TFRecords (records.py), or
+synthetic tensors.
 
 No TensorFlow here: a missing folder, a single class or a class with no image that decodes is refused
 before any store or model exists. Every file of an image folder is decoded once when scanned (readable.py),
@@ -28,11 +29,13 @@ SPLIT_SEED = 0
 
 @dataclass
 class Split:
-    """Images (an in-memory uint8 array, N x H x W x 3) or image files, with integer labels."""
+    """Images (an in-memory uint8 array, N x H x W x 3), image files, or TFRecord shards (records.py), with
+    integer labels: one per example, in the order of the images, files or records."""
 
     labels: np.ndarray
     images: np.ndarray | None = None
     files: list[str] | None = None
+    shards: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -97,7 +100,8 @@ def _synthetic(data_cfg: DictConfig, input_size: int) -> Source:
     )
 
 
-def _image_folder(path: str | None, val_fraction: float) -> Source:
+def image_folder(path: str | None, val_fraction: float) -> Source:
+    """An image folder as `data=image_folder` reads it, and `workbench data build` converts it."""
     root = Path(str(path)).expanduser() if path else None
     if root is None or not root.is_dir():
         raise ConfigError(f"data.path={path}: no such folder; give a folder with one sub-folder per class")
@@ -196,6 +200,18 @@ def _split_per_class(classes: list[str], per_class: list[list[str]], val_fractio
     return _as_split(train), _as_split(val)
 
 
+def spread(counts: list[int]) -> np.ndarray:
+    """An order of the examples of each class, concatenated class by class, that spreads every class evenly
+    over the whole sequence: the i-th of n examples of a class goes at fraction (i + 1/2) / n. Training
+    records are written in this order, so every shard holds each class in proportion. Exact arithmetic on
+    the counts only: the order can be recomputed from them, with any NumPy."""
+    labels = np.repeat(np.arange(len(counts)), counts)
+    within = np.concatenate([np.arange(n) for n in counts]) if counts else np.zeros(0, np.int64)
+    sizes = np.asarray(counts, np.int64)[labels]
+    # float64 division rounds correctly, so equal ratios tie (broken by class) on every machine.
+    return np.lexsort((labels, (2 * within + 1) / (2 * sizes)))
+
+
 def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:12]
 
@@ -211,9 +227,16 @@ def skipped_files_text(source: Source) -> str:
     return "".join(f"{path}\t{why}\n" for path, why in source.skipped)
 
 
+def _tfrecord(path: str | None) -> Source:
+    from workbench import records  # here: records imports this module
+
+    return records.source(path)
+
+
 # The data sources, by the option name of their conf/data/<name>.yaml; config validation reads the names.
 SOURCES: dict[str, Callable[[DictConfig, int], Source]] = {
     "digits": lambda data_cfg, size: _digits(data_cfg.val_fraction),
-    "image_folder": lambda data_cfg, size: _image_folder(data_cfg.path, data_cfg.val_fraction),
+    "image_folder": lambda data_cfg, size: image_folder(data_cfg.path, data_cfg.val_fraction),
     "synthetic": _synthetic,
+    "tfrecord": lambda data_cfg, size: _tfrecord(data_cfg.path),
 }
