@@ -51,11 +51,15 @@ SLOW_FIRST = (
     "test_study_resume",
     "test_study",
     "test_study_failures",
+    "test_own_images",
+    "test_finetune",
     "test_trainer",
     "test_run",
     "test_resume",
     "test_stops",
     "test_context",
+    "test_eval",
+    "test_records",
 )
 
 

@@ -195,7 +195,7 @@ def test_unknown_key_is_refused_with_the_nearest_keys(workdir: Path, args: list[
 
 def test_an_added_key_is_refused_with_the_keys_of_its_section(workdir: Path) -> None:
     line, _ = refuse(["+model.freeze_backbone=true"], workdir)
-    assert line.endswith("model has: name, input_size, dropout, weights, freeze, jit_compile"), line
+    assert line.endswith("model has: name, input_size, dropout, weights, freeze, new_classifier, jit_compile"), line
 
 
 def test_adding_a_key_that_exists_says_how_to_set_it(workdir: Path) -> None:

@@ -4,10 +4,12 @@
     workbench study best lr_batch_decay_dropout       # the `python run.py ...` command that retrains the best
     workbench study report lr_batch_decay_dropout     # Optuna's plots and the best config, written to a folder
     workbench predict <run id> photo.jpg photos/      # the top classes of each image, by name
+    workbench data build ~/flowers ~/flowers-records  # an image folder as sharded TFRecords (data=tfrecord)
+    workbench eval <run id> [data=... data.path=...] [--crops 10]   # top-1/top-5, per class, confusion matrix
 
 The study file (studies/<name>.yaml) names the storage and the Optuna study; `--storage URL` or any
 `study.<key>=<value>` override given at launch (e.g. study.name=...) points elsewhere. Only `predict`
-loads TensorFlow.
+and `eval` load TensorFlow.
 """
 
 from __future__ import annotations
@@ -28,9 +30,18 @@ if TYPE_CHECKING:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.topic == "eval" and not any(e.startswith("-") for e in extra):
+        args.overrides += extra  # data overrides after an option: `eval <run> --crops 10 data.path=...`
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.topic == "predict":
         return predict(args)
+    if args.topic == "data":
+        return data_build(args)
+    if args.topic == "eval":
+        return evaluate(args)
     try:
         spec, study = _load(args.name, args.storage, args.overrides)
     except ConfigError as exc:
@@ -61,6 +72,38 @@ def _parser() -> argparse.ArgumentParser:
     command.add_argument("model", help="a run id, runs:/<run id>/model or models:/<name>@<alias>")
     command.add_argument("files", nargs="+", help="image files, and folders to search for them")
     command.add_argument("--top", type=int, default=3, help="classes shown per image (default: 3)")
+    command.add_argument("--tracking-uri", help="the MLflow store (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
+
+    data = topics.add_parser("data", help="prepare data: an image folder as sharded TFRecords")
+    text = "write an image folder as sharded TFRecords, labels.txt and manifest.json, for data=tfrecord"
+    command = data.add_subparsers(title="commands", required=True).add_parser("build", help=text, description=text)
+    command.add_argument("src", help="an image folder, as data=image_folder reads it")
+    command.add_argument("out", help="the folder to write (data.path of data=tfrecord)")
+    command.add_argument("--val-fraction", type=float, default=0.2, help="held out per class without val/ (0.2)")
+    command.add_argument("--images-per-shard", type=int, default=1024, help="about this many per shard (1024)")
+    command.add_argument("--workers", type=int, help="processes writing shards (default: one per CPU core)")
+    command.add_argument("--overwrite", action="store_true", help="replace the records of another dataset in OUT")
+
+    text = "top-1, top-5, per-class metrics and the confusion matrix of a model, logged to its MLflow run"
+    command = topics.add_parser(
+        "eval",
+        help=text,
+        description=f"{text}. Without data overrides: the run's own validation split. With them: every image "
+        "of that source (training and validation splits together; add data.val_fraction=F for its validation "
+        "split only). A .keras checkpoint file is logged to a new run tagged workbench.checkpoint.",
+    )
+    command.add_argument("model", help="a run id, runs:/<run id>/model, models:/<name>@<alias> or a .keras file")
+    command.add_argument(
+        "overrides", nargs="*", help="data to evaluate on instead, e.g. data=image_folder data.path=~/holdout"
+    )
+    command.add_argument(
+        "--crops",
+        default="1",
+        metavar="{1,10}",
+        help="1: the validation resize (default); 10: resize the shorter side to round(size/0.875), four "
+        "corners and the centre, each mirrored, probabilities averaged",
+    )
+    command.add_argument("--batch-size", default="64", metavar="N", help="model inputs per batch (default: 64)")
     command.add_argument("--tracking-uri", help="the MLflow store (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
     return parser
 
@@ -146,6 +189,46 @@ def predict(args: argparse.Namespace) -> None:
     width = max((len(str(p.file)) for p in predictions), default=0)
     for p in predictions:
         print(f"{p.file!s:<{width}}  " + "  ".join(f"{name} {probability:.3f}" for name, probability in p.top))
+
+
+def evaluate(args: argparse.Namespace) -> None:
+    from workbench import eval_report
+    from workbench import evaluate as evaluation
+
+    try:
+        crops = evaluation.option("--crops", args.crops, evaluation.CROPS)
+        batch_size = evaluation.option("--batch-size", args.batch_size)
+        outcome = evaluation.evaluate(args.model, args.overrides, crops, batch_size, args.tracking_uri)
+    except ConfigError as exc:
+        fail(str(exc))
+    report = outcome.report
+    print(f"Evaluated {args.model} on {outcome.data}, {crops} crop{'s' if crops > 1 else ''} an image")
+    print("\n".join(eval_report.table(report)))
+    where = "a new run" if outcome.new_run else "run"
+    print(f"Logged to {where} {outcome.run_id}: metrics eval_{report.dataset}_*, artifacts {outcome.artifact_path}/")
+
+
+def data_build(args: argparse.Namespace) -> None:
+    from workbench import records, signals
+
+    try:
+        with signals.stop_on_signals():  # Ctrl-C and a scheduler's SIGTERM alike
+            manifest = records.build(
+                args.src, args.out, args.val_fraction, args.images_per_shard, args.workers, args.overwrite
+            )
+    except ConfigError as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        stopped = f"stopped; {args.out} is unfinished (no {records.MANIFEST}): run the same command again"
+        fail(stopped, signals.exit_status())
+    splits = manifest["splits"]
+    print(
+        f"Wrote {splits['train']['count']} training and {splits['validation']['count']} validation images in "
+        f"{len(splits['train']['shards'])} + {len(splits['validation']['shards'])} shards to {args.out}"
+    )
+    if manifest["skipped"]:
+        print(f"Skipped {manifest['skipped']} unreadable image file(s), listed in {args.out}/{records.SKIPPED}")
+    print(f"Train on them: python run.py data=tfrecord data.path={args.out}")
 
 
 def _elapsed(trials: list[optuna.trial.FrozenTrial]) -> str:

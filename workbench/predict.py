@@ -50,29 +50,47 @@ def image_files(paths: Sequence[str]) -> list[Path]:
     return found
 
 
-def load(uri: str, tracking_uri: str | None) -> tuple[Any, dict[str, Any]]:
-    """The Keras model behind `uri` in the given store (else MLflow's: MLFLOW_TRACKING_URI or ./mlflow.db)
-    and its metadata; ConfigError when there is none to predict with."""
+def use_store(tracking_uri: str | None) -> str:
+    """Point MLflow at the given store, else at its own (MLFLOW_TRACKING_URI or ./mlflow.db, which must exist
+    here); return the store's URI with any password hidden. For commands that read runs, never create them."""
     import os
 
     import mlflow
-    from mlflow.exceptions import MlflowException
 
     if tracking_uri:
         mlflow.set_tracking_uri(sqlalchemy_url(tracking_uri))
     elif not os.environ.get("MLFLOW_TRACKING_URI") and not Path("mlflow.db").is_file():
         # MLflow would create an empty store here and then find nothing in it.
         raise ConfigError("no mlflow.db here: run where you trained, or give --tracking-uri (or MLFLOW_TRACKING_URI)")
-    shown = redact(mlflow.get_tracking_uri())
+    return redact(mlflow.get_tracking_uri())
+
+
+def model_metadata(uri: str) -> dict[str, Any]:
+    """The metadata of the logged model behind `uri` in MLflow's current store (class names, input size,
+    architecture); ConfigError when there is no model, or one without class names."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
     try:
         metadata = mlflow.models.get_model_info(uri).metadata or {}
     except (MlflowException, OSError) as exc:
         reason = first_line(exc)
         raise ConfigError(
-            f"{uri}: no logged model there in {shown} ({reason}); runs log one unless tracking.log_model=false"
+            f"{uri}: no logged model there in {redact(mlflow.get_tracking_uri())} ({reason}); "
+            "runs log one unless tracking.log_model=false"
         ) from None
     if "class_names" not in metadata:
         raise ConfigError(f"{uri}: the model has no class names in its metadata (logged by an older workbench)")
+    return metadata
+
+
+def load(uri: str, tracking_uri: str | None) -> tuple[Any, dict[str, Any]]:
+    """The Keras model behind `uri` in the given store (else MLflow's: MLFLOW_TRACKING_URI or ./mlflow.db)
+    and its metadata; ConfigError when there is none to predict with."""
+    import mlflow
+
+    use_store(tracking_uri)
+    metadata = model_metadata(uri)
     return mlflow.keras.load_model(uri), metadata
 
 
