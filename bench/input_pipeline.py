@@ -5,19 +5,22 @@
 On a generated folder of realistic JPEGs (256-400 px a side, smooth noise, shapes and grain, quality 90;
 cached in the temp folder with its records), each round measures, interleaved:
 
-- decode: tf.io.decode_jpeg of the same training files in a tight tf.data loop (read, decode, nothing else),
-  with the same parallelism: the ceiling;
+- tight loop: tf.io.decode_jpeg of the same training files one after another in a plain Python loop (read,
+  decode, nothing else): the issue's ceiling, what this machine decodes with no pipeline around it;
+- parallel decode: the same in a tf.data map with the pipelines' parallelism: a stricter ceiling, that
+  only a pipeline doing nothing but decode could reach;
 - decode+resize: the same, resized to the model's input (what any pipeline must do besides decoding);
 - image_folder and tfrecord: the workbench's own `data.build(...)` training stream (data=image_folder and
   data=tfrecord of the same images), flip_crop augmentation, batches, the model's preprocessing.
 
-It prints each one's median images/s and its ratio to the decode ceiling. The first batch of each
+It prints each one's median images/s and its ratios to both ceilings. The first batch of each
 measurement (tracing, the first file opens) is left out.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -105,6 +108,17 @@ def measure(batches: Callable[[], Any], images: int) -> tuple[float, float]:
     return seen / (time.perf_counter() - start), 1000 * (time.process_time() - cpu) / seen
 
 
+def measure_tight_loop(files: list[str], images: int) -> tuple[float, float]:
+    """measure() for a plain loop of eager decodes, one file at a time, the first left out."""
+    import tensorflow as tf
+
+    tf.io.decode_jpeg(tf.io.read_file(files[0]), channels=3)
+    start, cpu = time.perf_counter(), time.process_time()
+    for file in files[1 : images + 1]:
+        tf.io.decode_jpeg(tf.io.read_file(file), channels=3)
+    return images / (time.perf_counter() - start), 1000 * (time.process_time() - cpu) / images
+
+
 def compose_config(overrides: list[str]) -> Any:
     from hydra import compose, initialize_config_dir
 
@@ -164,27 +178,32 @@ def main() -> None:
         batches = files.enumerate().map(one, tf.data.AUTOTUNE).batch(args.batch, drop_remainder=True)
         return batches.map(preprocess, tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
-    kinds = {
-        "decode (ceiling)": decoded(resize=False),
+    shuffled = [str(f) for f in np.random.default_rng(0).permutation(folder.train.files)]
+    loop_images = min(args.measure, len(shuffled) - 1)
+    pipelines = {
+        "parallel decode": decoded(resize=False),
         "decode+resize": decoded(resize=True),
         "bare equivalent": bare,
         "image_folder": workbench("image_folder", src),
         "tfrecord": workbench("tfrecord", out),
     }
+    kinds: dict[str, Callable[[], tuple[float, float]]] = {
+        "tight loop": lambda: measure_tight_loop(shuffled, loop_images),
+        **{kind: functools.partial(measure, batches, args.measure) for kind, batches in pipelines.items()},
+    }
     results: dict[str, list[tuple[float, float]]] = {kind: [] for kind in kinds}
     print(f"{len(folder.train)} training JPEGs, input {args.size} px, flip_crop, batch {args.batch}, {_cores()} cores")
     for round_ in range(args.repeats):  # interleaved: a slow spell of the machine hits every kind alike
-        for kind, batches in kinds.items():
-            results[kind].append(measure(batches, args.measure))
+        for kind, run in kinds.items():
+            results[kind].append(run())
         print(f"  round {round_ + 1}: " + ", ".join(f"{k} {v[-1][0]:.0f}/s" for k, v in results.items()), flush=True)
     rate = {kind: statistics.median(r for r, _ in values) for kind, values in results.items()}
     cpu = {kind: statistics.median(c for _, c in values) for kind, values in results.items()}
-    ceiling = "decode (ceiling)"
-    print(f"\n{'medians':<18}{'images/s':>10}{'ratio':>7}{'CPU ms/image':>14}{'ratio':>7}")
+    print(f"\n{'medians':<17}{'images/s':>9}{'of loop':>9}{'of parallel':>12}{'CPU ms/image':>14}")
     for kind in kinds:
-        print(f"{kind:<18}{rate[kind]:>10.0f}{rate[kind] / rate[ceiling]:>7.2f}{cpu[kind]:>14.3f}", end="")
-        print(f"{cpu[ceiling] / cpu[kind]:>7.2f}")
-    print("ratio: of the decode ceiling (for CPU time: decode's CPU per image / the kind's)")
+        loop, parallel = rate[kind] / rate["tight loop"], rate[kind] / rate["parallel decode"]
+        print(f"{kind:<17}{rate[kind]:>9.0f}{loop:>9.2f}{parallel:>12.2f}{cpu[kind]:>14.3f}")
+    print("of loop / of parallel: images/s as a share of the tight loop's / the parallel decode's")
 
 
 def _cores() -> int:
