@@ -18,18 +18,17 @@ vectors are averaged.
 
 from __future__ import annotations
 
-import re
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from tempfile import TemporaryDirectory
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
-from workbench import eval_report
-from workbench.config import ConfigError, first_line, parse_overrides
+from workbench import eval_data, eval_report
+from workbench.config import ConfigError, first_line
 
 if TYPE_CHECKING:
     import numpy as np
@@ -38,7 +37,6 @@ if TYPE_CHECKING:
 
 CROPS = (1, 10)
 CENTRAL_FRACTION = 0.875  # the crop's share of the resized shorter side (224 of 256)
-OWN_SPLIT = "val"  # the dataset name of a run's own validation split
 
 
 @dataclass(frozen=True)
@@ -76,20 +74,11 @@ def evaluate(
     the result to its run (a new run for a file); ConfigError for anything it cannot evaluate."""
     if crops not in CROPS:
         raise ConfigError(f"--crops {crops}: must be 1 or 10")
-    _check_overrides(overrides)
+    eval_data.check_overrides(overrides)
     path = Path(reference).expanduser()
     if reference.endswith(".keras") or path.is_file():
         return _evaluate_file(reference, path, overrides, crops, batch_size, tracking_uri)
     return _evaluate_logged(reference, overrides, crops, batch_size, tracking_uri)
-
-
-def _check_overrides(overrides: Sequence[str]) -> None:
-    """Only the data group may change: the model is the one given, and nothing is trained."""
-    for override in parse_overrides(overrides):
-        key = override.key_or_group
-        if key != "data" and not key.startswith("data."):
-            text = override.input_line or key
-            raise ConfigError(f"{text}: only data overrides choose what to evaluate on, e.g. data.path=~/holdout")
 
 
 def _evaluate_logged(
@@ -114,28 +103,26 @@ def _evaluate_logged(
     metadata = predict.model_metadata(uri)
     if run_id is None:  # a registered model: its version's source run, when it has one
         run_id = mlflow.models.get_model_info(uri).run_id or None
-    own = _run_data(run_id) if run_id else None
-    if run_id and own is None and not _names_data(overrides):
+    own = eval_data.run_data(run_id) if run_id else None
+    if run_id and own is None and not eval_data.names_data(overrides):
         raise ConfigError(
             f"{reference}: run {run_id} logged no config/config.yaml with its data, so its validation split "
             "is unknown; name the data to evaluate on, e.g. data=image_folder data.path=~/holdout"
         )
-    data_cfg, split = _data_config(overrides, own)
+    data_cfg, split = eval_data.data_config(overrides, own)
     size = int(metadata["input_size"])
-    source = _load_source(data_cfg, size, split == OWN_SPLIT and run_id is not None)
-    _check_classes(list(metadata["class_names"]), source, reference)
+    source = eval_data.load_source(data_cfg, size, split == eval_data.OWN_SPLIT and run_id is not None)
+    eval_data.check_classes(list(metadata["class_names"]), source, reference)
     model = mlflow.keras.load_model(uri)
-    labels, probabilities = predictions(
-        model, str(metadata["architecture"]), _splits(source, split), source.num_classes, size, crops, batch_size
-    )
-    report = eval_report.compute(labels, probabilities, source.class_names, _dataset(source, split, crops))
-    details = _details(reference, source, split, crops, str(metadata["architecture"]), size)
+    architecture = str(metadata["architecture"])
+    report = _report(model, architecture, size, source, split, crops, batch_size)
+    details = eval_data.details(reference, source, split, crops, architecture, size)
     if run_id is None:
-        tags = {"workbench.model": uri, "model": str(metadata["architecture"])}
-        run_id = _log_to_new_run(report, details, tags, f"eval-{_key(uri)}", tracking_uri)
-        return Outcome(report, _described(source, split), run_id, True, _artifact_path(report))
+        tags = {"workbench.model": uri, "model": architecture}
+        run_id = _log_to_new_run(report, details, tags, f"eval-{eval_data.key(uri)}", tracking_uri)
+        return Outcome(report, eval_data.described(source, split), run_id, True, _artifact_path(report))
     _log(client, run_id, report, details)
-    return Outcome(report, _described(source, split), run_id, False, _artifact_path(report))
+    return Outcome(report, eval_data.described(source, split), run_id, False, _artifact_path(report))
 
 
 def _evaluate_file(
@@ -147,7 +134,7 @@ def _evaluate_file(
         raise ConfigError(f"{reference}: no such file; give a run id, a model URI or a .keras checkpoint")
     if not zipfile.is_zipfile(path):
         raise ConfigError(f"{reference}: not a Keras archive (.keras); give a checkpoint saved by Keras 3")
-    data_cfg, split = _data_config(overrides, None)  # refused before TensorFlow loads
+    data_cfg, split = eval_data.data_config(overrides, None)  # refused before TensorFlow loads
     import keras
 
     try:
@@ -158,160 +145,26 @@ def _evaluate_file(
     architecture, size = model.name, model.input_shape[1]
     if architecture not in ARCHITECTURES or not isinstance(size, int):
         raise ConfigError(f"{reference}: not a workbench model (named {architecture}); its preprocessing is unknown")
-    source = _load_source(data_cfg, size, False)
+    source = eval_data.load_source(data_cfg, size, False)
     if model.output_shape[-1] != source.num_classes:
         raise ConfigError(
             f"{reference}: the model has {model.output_shape[-1]} classes and data {source.name} has "
-            f"{source.num_classes} ({_names(source.class_names)}); give data with the model's classes"
+            f"{source.num_classes} ({eval_data.names(source.class_names)}); give data with the model's classes"
         )
-    labels, probabilities = predictions(
-        model, architecture, _splits(source, split), source.num_classes, size, crops, batch_size
-    )
-    report = eval_report.compute(labels, probabilities, source.class_names, _dataset(source, split, crops))
-    details = _details(reference, source, split, crops, architecture, size)
+    report = _report(model, architecture, size, source, split, crops, batch_size)
+    details = eval_data.details(reference, source, split, crops, architecture, size)
     resolved = str(path.resolve())
     tags = {"workbench.checkpoint": resolved, "model": architecture, "data": source.name}
     run_id = _log_to_new_run(report, details, tags, f"eval-{architecture}-{path.stem}", tracking_uri)
-    return Outcome(report, _described(source, split), run_id, True, _artifact_path(report))
+    return Outcome(report, eval_data.described(source, split), run_id, True, _artifact_path(report))
 
 
-# --- what to evaluate on --------------------------------------------------------------------------------
-
-
-def _names_data(overrides: Sequence[str]) -> bool:
-    """The overrides choose a data source of their own (`data=...`): the run's config is not needed."""
-    return any(o.partition("=")[0].lstrip("+~") == "data" for o in overrides)
-
-
-def _run_data(run_id: str) -> DictConfig | None:
-    """The data config the run trained with, from the resolved config it logged (None: it logged none)."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    with TemporaryDirectory() as folder:
-        try:
-            path = mlflow.artifacts.download_artifacts(
-                run_id=run_id, artifact_path="config/config.yaml", dst_path=folder
-            )
-            logged = OmegaConf.load(path)
-            data = logged.get("data") if isinstance(logged, DictConfig) else None
-        except (MlflowException, OSError):
-            data = None
-    return data if isinstance(data, DictConfig) and "name" in data else None
-
-
-def _data_config(overrides: Sequence[str], own: DictConfig | None) -> tuple[DictConfig, str]:
-    """The data config to evaluate on, and which examples: `val` (the run's own validation split),
-    `validation` (another source's validation split) or `all`."""
-    if not overrides:
-        if own is not None:
-            return own, OWN_SPLIT
-        return _compose([]), "validation"  # a checkpoint file: the default data
-    base = [] if own is None or _names_data(overrides) else [f"data={own.name}"]
-    data = _compose([*base, *overrides])
-    if own is not None and _normalised(data) == _normalised(own):
-        return own, OWN_SPLIT
-    if any(o.partition("=")[0].lstrip("+~") == "data.val_fraction" for o in overrides):
-        return data, "validation"
-    if "val_fraction" in data:
-        # Every example is evaluated, so the split does not matter; a half keeps a small folder (two images
-        # a class) from being refused for an empty validation split.
-        data = cast(DictConfig, OmegaConf.merge(data, {"val_fraction": 0.5}))  # a mapping merged: a DictConfig
-    return data, "all"
-
-
-def _compose(overrides: list[str]) -> DictConfig:
-    """The data group as `python run.py <overrides>` would compose it, checked as training checks it."""
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from workbench.config import check_choices, validate
-    from workbench.study import compose
-
-    check_choices(overrides, [compose.CONF])
-    try:
-        cfg = compose.compose(overrides)
-        OmegaConf.to_container(cfg.data, resolve=True)  # an interpolation that does not resolve fails here
-    except (HydraException, OmegaConfBaseException) as exc:
-        # Hydra says which override failed; the OmegaConf error it chains says why (`Key 'path' is not in struct`).
-        reason = first_line(exc) + (f" {first_line(exc.__cause__)}" if exc.__cause__ else "")
-        raise ConfigError(
-            f"{' '.join(overrides)}: these data overrides do not compose ({reason}); "
-            "e.g. data=image_folder data.path=~/holdout"
-        ) from None
-    validate(cfg)
-    return cfg.data
-
-
-def _normalised(data_cfg: DictConfig) -> dict[str, Any]:
-    """For comparing data configs: paths made absolute, so `images` and `./images/` are the same folder."""
-    values: dict[str, Any] = OmegaConf.to_container(data_cfg, resolve=True)  # type: ignore[assignment]
-    if values.get("path"):
-        values["path"] = str(Path(str(values["path"])).expanduser().resolve())
-    return values
-
-
-def _load_source(data_cfg: DictConfig, size: int, own: bool) -> Source:
-    from workbench import sources
-
-    try:
-        return sources.load(data_cfg, size)
-    except ConfigError as exc:
-        if own:  # a relative data.path means the folder training started in
-            raise ConfigError(f"{exc} (the run's own data: run where it trained, or give data.path=)") from None
-        raise
-
-
-def _splits(source: Source, split: str) -> list[Split]:
-    return [source.train, source.val] if split == "all" else [source.val]
-
-
-def _check_classes(model_names: list[str], source: Source, reference: str) -> None:
-    data_names = source.class_names
-    if model_names == data_names:
-        return
-    i = next((i for i, (a, b) in enumerate(zip(model_names, data_names, strict=False)) if a != b), None)
-    where = f": class {i} is {model_names[i]!r} for the model, {data_names[i]!r} in the data" if i is not None else ""
-    raise ConfigError(
-        f"{reference}: the model's classes ({_names(model_names)}) are not data {source.name}'s "
-        f"({_names(data_names)}){where}; evaluate on data with the same class names, in the same order"
-    )
-
-
-def _names(names: list[str], shown: int = 12) -> str:
-    more = f", ... ({len(names)} in all)" if len(names) > shown else ""
-    return ", ".join(names[:shown]) + more
-
-
-def _dataset(source: Source, split: str, crops: int) -> str:
-    """The name metrics and artifacts carry: eval_<dataset>_top1, eval/<dataset>/."""
-    name = OWN_SPLIT if split == OWN_SPLIT else _key(source.name) + ("_val" if split == "validation" else "")
-    return f"{name}_10crop" if crops == 10 else name
-
-
-def _key(text: str) -> str:
-    """Characters MLflow accepts in metric keys and that name a folder plainly."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_.") or "data"
-
-
-def _described(source: Source, split: str) -> str:
-    if split == "all":
-        return f"all of {source.name} ({source.uri})"
-    whose = "the run's own" if split == OWN_SPLIT else "the"
-    return f"{whose} validation split of {source.name}"
-
-
-def _details(reference: str, source: Source, split: str, crops: int, architecture: str, size: int) -> dict[str, Any]:
-    return {
-        "model": reference,
-        "architecture": architecture,
-        "input_size": size,
-        "data": source.name,
-        "data_uri": source.uri,
-        "data_digest": source.digest,
-        "split": split,
-        "crops": crops,
-    }
+def _report(
+    model: Any, architecture: str, size: int, source: Source, split: str, crops: int, batch_size: int
+) -> eval_report.Report:
+    splits = eval_data.splits(source, split)
+    labels, probabilities = predictions(model, architecture, splits, source.num_classes, size, crops, batch_size)
+    return eval_report.compute(labels, probabilities, source.class_names, eval_data.dataset_name(source, split, crops))
 
 
 # --- predictions ----------------------------------------------------------------------------------------
