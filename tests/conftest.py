@@ -52,6 +52,7 @@ SLOW_FIRST = (
     "test_study",
     "test_study_failures",
     "test_own_images",
+    "test_slurm",
     "test_finetune",
     "test_trainer",
     "test_run",

@@ -34,12 +34,14 @@ def compose_config(overrides: list[str] | None = None) -> DictConfig:
         return compose("config", overrides=overrides or [])
 
 
-def run_cli(args: list[str], cwd: Path, timeout: float = 600, **popen) -> subprocess.CompletedProcess:
-    """`python run.py <args>` in `cwd`, as a user would type it."""
+def run_cli(
+    args: list[str], cwd: Path, timeout: float = 600, env: dict[str, str] | None = None, **popen
+) -> subprocess.CompletedProcess:
+    """`python run.py <args>` in `cwd`, as a user would type it (in `env`, else the tests' usual one)."""
     return subprocess.run(
         [sys.executable, str(ROOT / "run.py"), *args],
         cwd=cwd,
-        env=cli_env(),
+        env=env or cli_env(),
         capture_output=True,
         text=True,
         timeout=timeout,

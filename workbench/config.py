@@ -219,6 +219,10 @@ def _tracking_plugin_schemes() -> set[str]:
 def validate_launcher(hydra_cfg: DictConfig) -> None:
     """Refuse launcher settings that would fail only once a multirun's stores and runs exist."""
     launcher = hydra_cfg.get("launcher") or {}
+    if str(launcher.get("_target_", "")).endswith(".SlurmLauncher"):
+        from workbench import slurm  # here: it loads submitit
+
+        slurm.check_resources(launcher)
     if str(launcher.get("_target_", "")).endswith(".JoblibLauncher"):
         n_jobs = launcher.get("n_jobs")
         if n_jobs is not None and (isinstance(n_jobs, bool) or not isinstance(n_jobs, int) or n_jobs == 0):

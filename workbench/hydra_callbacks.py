@@ -20,6 +20,10 @@ class PrepareTracking(Callback):
             # run.py checked this already; commands that bypass its check (--config-name...) meet it here,
             # still before any store or sweep folder exists.
             validate_launcher(config.hydra)
+            if str(config.hydra.launcher.get("_target_", "")).endswith(".SlurmLauncher"):
+                from workbench import slurm
+
+                slurm.watch_quietly()
             # A study's sweeper does this itself, after it has checked the study: a refused study leaves nothing.
             if "tracking" in config and config.get("study") is None:
                 from workbench import tracking

@@ -234,7 +234,20 @@ def run_tags(cfg: DictConfig, choices: dict[str, str], overrides: list[str], con
             "workbench.config_hash": config_hash,
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "all"),
         }
+        | _slurm_tags()
     )
+
+
+def _slurm_tags() -> dict[str, str]:
+    """Which SLURM job (array task) and node ran the run, when SLURM did: to find its logs with sacct/squeue."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if job is None:
+        return {}
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    return {
+        "slurm.job_id": f"{array}_{task}" if array and task else job,
+        "slurm.node": os.environ.get("SLURMD_NODENAME", ""),
+    }
 
 
 def log_dataset(name: str, uri: str, digest: str, context: str = "training") -> None:
