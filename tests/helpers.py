@@ -4,11 +4,13 @@ PostgreSQL and a real `mlflow server`. Fixtures that use these live in conftest.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import os
 import sqlite3
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,10 +18,12 @@ from typing import NamedTuple
 
 import numpy as np
 import optuna
+import psycopg
 import pytest
 from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
+from optuna.trial import TrialState
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -259,3 +263,124 @@ def trials_so_far(cwd: Path, name: str = STUDY) -> list[optuna.trial.FrozenTrial
 
 def metric_steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+# --- studies on PostgreSQL ---------------------------------------------------------------------------
+
+
+SECRET = "pg-s3cret-pass"
+
+
+def with_password(url: str) -> str:
+    # Trust authentication ignores the password, which lets the test check that it never leaks.
+    return url.replace("postgres@", f"postgres:{SECRET}@", 1)
+
+
+def no_secret(cwd: Path, server_artifacts: Path, output: str, client: MlflowClient) -> None:
+    """SECRET appears nowhere: not in the console output, the logs, the server's artifacts, params or tags."""
+    assert SECRET not in output
+    for path in [*cwd.rglob("*.log"), *server_artifacts.rglob("*")]:
+        if path.is_file() and path.suffix in (".log", ".yaml", ".txt", ".json", ".html"):
+            assert SECRET not in path.read_text(errors="ignore"), path
+    for experiment in client.search_experiments():
+        for run in client.search_runs([experiment.experiment_id]):
+            assert SECRET not in str(run.data.params) + str(run.data.tags)
+
+
+# Trials small enough for several workers on two cores, deterministic so a resumed trial can be compared.
+SMALL_TRIALS = [
+    "trainer.steps_per_epoch=3",
+    "trainer.batch_size=16",
+    "model.input_size=16",
+    "trainer.validation_steps=2",
+    "tracking.log_model=false",
+    "tracking.checkpoints=none",
+    "trainer.deterministic=true",
+]
+
+
+def cluster_study(storage: str, server: str, *extra: str, workers: int, launcher: str) -> list[str]:
+    """`run.py` arguments of a study of SMALL_TRIALS on a storage and a tracking server, through `launcher`."""
+    # A dead worker is found within seconds; the grace period leaves room for a loaded machine, where a
+    # live worker's heartbeat can come late while TensorFlow starts in several processes at once.
+    return [
+        "--multirun",
+        f"study={STUDY}",
+        f"hydra/launcher={launcher}",
+        f"study.workers={workers}",
+        f"study.storage={storage}",
+        f"tracking.uri={server}",
+        "study.pruner.name=none",
+        "study.heartbeat_interval=1",
+        "study.grace_period=10",
+        *SMALL_TRIALS,
+        *extra,
+    ]
+
+
+@functools.cache
+def _postgres_storage(postgres_url: str, name: str) -> optuna.storages.RDBStorage:
+    # One engine per database, as a worker keeps: a storage per poll holds a connection each until
+    # PostgreSQL refuses more clients. Opening one stamps the schema version where there is none yet,
+    # which would race the launching process creating the schema: wait until its study exists.
+    with psycopg.connect(postgres_url) as connection:
+        try:
+            found = connection.execute("SELECT 1 FROM studies WHERE study_name = %s", (name,)).fetchone()
+        except psycopg.errors.UndefinedTable:
+            found = None
+    if found is None:
+        raise KeyError(f"no study {name} yet")
+    url = postgres_url.replace("postgresql://", "postgresql+psycopg://", 1)
+    return optuna.storages.RDBStorage(url, skip_table_creation=True)
+
+
+def postgres_study(postgres_url: str, name: str = STUDY) -> optuna.Study:
+    """A study in a PostgreSQL database (KeyError until the launching process has created it)."""
+    return optuna.load_study(study_name=name, storage=_postgres_storage(postgres_url, name))
+
+
+def check_study(study: optuna.Study, server: str, n_trials: int) -> list[optuna.trial.FrozenTrial]:
+    """Exactly n_trials complete, distinct numbers, none left running, each a FINISHED child run of the parent."""
+    trials = study.get_trials(deepcopy=False)
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(done) == n_trials
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    assert len({t.number for t in trials}) == len(trials)
+    client = MlflowClient(server)
+    parent_id = study.user_attrs["mlflow_parent_run_id"]
+    for trial in done:
+        run = client.get_run(trial.user_attrs["mlflow_run_id"])
+        assert run.data.tags["mlflow.parentRunId"] == parent_id
+        assert run.info.status == "FINISHED"
+    return trials
+
+
+def wait_for_a_trial_after_epoch(
+    study_url: str, study_proc: subprocess.Popen, epoch: int, timeout: float = 600
+) -> optuna.trial.FrozenTrial:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if study_proc.poll() is not None:  # say why at once rather than wait out the timeout
+            raise AssertionError(f"the study ended first:\n{study_proc.stdout.read()[-4000:]}")
+        try:
+            for trial in postgres_study(study_url).get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                # Not a retry: a retry inherits the epochs and, until it starts, the dead worker's pid.
+                original = "failed_trial" not in trial.system_attrs
+                if original and len(trial.intermediate_values) >= epoch and "worker" in trial.user_attrs:
+                    return trial
+        except KeyError:  # no study yet
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"no trial reached epoch {epoch}")
+
+
+def wait_until_done(study_url: str, n_trials: int, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        trials = postgres_study(study_url).get_trials(deepcopy=False)
+        if sum(t.state == TrialState.COMPLETE for t in trials) >= n_trials and not any(
+            t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials
+        ):
+            return
+        time.sleep(1)
+    raise AssertionError("the remaining workers did not finish the study")

@@ -1,12 +1,12 @@
 """The cluster path on real services: PostgreSQL study storage, an `mlflow server` with a PostgreSQL backend,
-and study workers as jobs of Hydra's submitit launcher (its local executor stands in for SLURM).
+and study workers as jobs of Hydra's submitit launcher through its local executor (hydra/launcher=local_gpu);
+tests/test_slurm.py runs studies on a real SLURM.
 
 In CI these never skip: PostgreSQL must be reachable (conftest fails the test otherwise).
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import signal
 import subprocess
@@ -14,48 +14,27 @@ import sys
 import time
 from pathlib import Path
 
-import optuna
-import psycopg
 import pytest
 from mlflow.tracking import MlflowClient
-from optuna.trial import TrialState
 
-from helpers import ROOT, TINY, TrackingServer, cli_env, serve_mlflow
-
-STUDY = "lr_batch_decay_dropout"
-SMALL = [
-    "trainer.steps_per_epoch=3",
-    "trainer.batch_size=16",
-    "model.input_size=16",
-    "trainer.validation_steps=2",
-    "tracking.log_model=false",
-    "tracking.checkpoints=none",
-    "trainer.deterministic=true",
-]
-SECRET = "pg-s3cret-pass"
-
-
-def _with_password(url: str) -> str:
-    # Trust authentication ignores the password, which lets the test check that it never leaks.
-    return url.replace("postgres@", f"postgres:{SECRET}@", 1)
+from helpers import (
+    ROOT,
+    SMALL_TRIALS,
+    TINY,
+    TrackingServer,
+    check_study,
+    cli_env,
+    cluster_study,
+    postgres_study,
+    serve_mlflow,
+    wait_for_a_trial_after_epoch,
+    wait_until_done,
+    with_password,
+)
 
 
 def _study_args(postgres_url: str, server: str, *extra: str, workers: int) -> list[str]:
-    # A dead worker is found within seconds; the grace period leaves room for a loaded machine, where a
-    # live worker's heartbeat can come late while TensorFlow starts in several processes at once.
-    return [
-        "--multirun",
-        f"study={STUDY}",
-        "hydra/launcher=local_gpu",
-        f"study.workers={workers}",
-        f"study.storage={_with_password(postgres_url)}",
-        f"tracking.uri={server}",
-        "study.pruner.name=none",
-        "study.heartbeat_interval=1",
-        "study.grace_period=10",
-        *SMALL,
-        *extra,
-    ]
+    return cluster_study(with_password(postgres_url), server, *extra, workers=workers, launcher="local_gpu")
 
 
 def _start(args: list[str], cwd: Path) -> subprocess.Popen:
@@ -67,62 +46,6 @@ def _start(args: list[str], cwd: Path) -> subprocess.Popen:
         stderr=subprocess.STDOUT,
         text=True,
     )
-
-
-@functools.cache
-def _storage(postgres_url: str) -> optuna.storages.RDBStorage:
-    # One engine per database, as a worker keeps: a storage per poll holds a connection each until
-    # PostgreSQL refuses more clients. Opening one stamps the schema version where there is none yet,
-    # which would race the launching process creating the schema: wait until its study exists.
-    with psycopg.connect(postgres_url) as connection:
-        try:
-            found = connection.execute("SELECT 1 FROM studies WHERE study_name = %s", (STUDY,)).fetchone()
-        except psycopg.errors.UndefinedTable:
-            found = None
-    if found is None:
-        raise KeyError(f"no study {STUDY} yet")
-    url = postgres_url.replace("postgresql://", "postgresql+psycopg://", 1)
-    return optuna.storages.RDBStorage(url, skip_table_creation=True)
-
-
-def _study(postgres_url: str) -> optuna.Study:
-    return optuna.load_study(study_name=STUDY, storage=_storage(postgres_url))
-
-
-def _check_study(study: optuna.Study, server: str, n_trials: int) -> list[optuna.trial.FrozenTrial]:
-    trials = study.get_trials(deepcopy=False)
-    done = [t for t in trials if t.state == TrialState.COMPLETE]
-    assert len(done) == n_trials
-    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
-    assert len({t.number for t in trials}) == len(trials)
-    client = MlflowClient(server)
-    parent_id = study.user_attrs["mlflow_parent_run_id"]
-    for trial in done:
-        run = client.get_run(trial.user_attrs["mlflow_run_id"])
-        assert run.data.tags["mlflow.parentRunId"] == parent_id
-        assert run.info.status == "FINISHED"
-    return trials
-
-
-def _no_secret(cwd: Path, server_artifacts: Path, output: str, client: MlflowClient) -> None:
-    assert SECRET not in output
-    for path in [*cwd.rglob("*.log"), *server_artifacts.rglob("*")]:
-        if path.is_file() and path.suffix in (".log", ".yaml", ".txt", ".json", ".html"):
-            assert SECRET not in path.read_text(errors="ignore"), path
-    for experiment in client.search_experiments():
-        for run in client.search_runs([experiment.experiment_id]):
-            assert SECRET not in str(run.data.params) + str(run.data.tags)
-
-
-def test_three_workers_on_postgresql_and_a_tracking_server(
-    workdir: Path, postgres_url: str, mlflow_server: TrackingServer
-) -> None:
-    args = _study_args(postgres_url, mlflow_server.url, "study.n_trials=5", "trainer.epochs=2", workers=3)
-    result = _start(args, workdir)
-    output, _ = result.communicate(timeout=900)
-    assert result.returncode == 0, output[-4000:]
-    _check_study(_study(postgres_url), mlflow_server.url, n_trials=5)
-    _no_secret(workdir, mlflow_server.artifacts, output, MlflowClient(mlflow_server.url))
 
 
 def _workers(cwd: Path) -> list[int]:
@@ -138,25 +61,6 @@ def _workers(cwd: Path) -> list[int]:
     return pids
 
 
-def _wait_for_a_trial_after_epoch(
-    study_url: str, study_proc: subprocess.Popen, epoch: int, timeout: float = 600
-) -> optuna.trial.FrozenTrial:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if study_proc.poll() is not None:  # say why at once rather than wait out the timeout
-            raise AssertionError(f"the study ended first:\n{study_proc.stdout.read()[-4000:]}")
-        try:
-            for trial in _study(study_url).get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-                # Not a retry: a retry inherits the epochs and, until it starts, the dead worker's pid.
-                original = "failed_trial" not in trial.system_attrs
-                if original and len(trial.intermediate_values) >= epoch and "worker" in trial.user_attrs:
-                    return trial
-        except KeyError:  # no study yet
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"no trial reached epoch {epoch}")
-
-
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill -9", "SIGTERM"])
 def test_a_lost_worker_s_trial_resumes_elsewhere_from_its_checkpoint(
     workdir: Path, postgres_url: str, mlflow_server: TrackingServer, sig: signal.Signals
@@ -169,7 +73,7 @@ def test_a_lost_worker_s_trial_resumes_elsewhere_from_its_checkpoint(
         workdir,
     )
     # A trial reports an epoch before it checkpoints it: once epoch 3 is reported, epoch 2 is saved.
-    victim = _wait_for_a_trial_after_epoch(postgres_url, study_proc, epoch=3)
+    victim = wait_for_a_trial_after_epoch(postgres_url, study_proc, epoch=3)
     os.kill(victim.user_attrs["worker"]["pid"], sig)
     output, _ = study_proc.communicate(timeout=900)
     if sig == signal.SIGTERM:
@@ -177,9 +81,9 @@ def test_a_lost_worker_s_trial_resumes_elsewhere_from_its_checkpoint(
     else:
         # submitit reports the killed job as failed and the sweep exits with an error, while the other
         # workers (separate processes) finish the study: wait for them.
-        _wait_until_done(postgres_url, 3)
+        wait_until_done(postgres_url, 3)
 
-    trials = _check_study(_study(postgres_url), mlflow_server.url, n_trials=3)
+    trials = check_study(postgres_study(postgres_url), mlflow_server.url, n_trials=3)
     (retry,) = [t for t in trials if t.system_attrs.get("failed_trial") == victim.number]
     client = MlflowClient(mlflow_server.url)
     lost_run = client.get_run(victim.user_attrs["mlflow_run_id"])
@@ -187,18 +91,6 @@ def test_a_lost_worker_s_trial_resumes_elsewhere_from_its_checkpoint(
     # The retry went on from the lost trial's last epoch checkpoint: it retrained fewer epochs than 6.
     retried_epochs = [m.step for m in client.get_metric_history(retry.user_attrs["mlflow_run_id"], "loss")]
     assert min(retried_epochs) > 2 and max(retried_epochs) == 6, retried_epochs
-
-
-def _wait_until_done(study_url: str, n_trials: int, timeout: float = 600) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        trials = _study(study_url).get_trials(deepcopy=False)
-        if sum(t.state == TrialState.COMPLETE for t in trials) >= n_trials and not any(
-            t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials
-        ):
-            return
-        time.sleep(1)
-    raise AssertionError("the remaining workers did not finish the study")
 
 
 RACE = """
@@ -245,7 +137,7 @@ def test_a_grid_multirun_through_the_same_launcher(workdir: Path, mlflow_server:
             f"tracking.uri={mlflow_server.url}",
             "tracking.experiment=grid",
             "trainer.epochs=1",
-            *SMALL,
+            *SMALL_TRIALS,
         ],
         workdir,
     )

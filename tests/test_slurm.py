@@ -15,7 +15,20 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 import slurm_cluster
-from helpers import ROOT, TINY, cli_env, run_cli, tracking_uri
+from helpers import (
+    ROOT,
+    TINY,
+    TrackingServer,
+    check_study,
+    cli_env,
+    cluster_study,
+    no_secret,
+    postgres_study,
+    run_cli,
+    tracking_uri,
+    wait_for_a_trial_after_epoch,
+    with_password,
+)
 
 # Scaled down by overrides only: this machine's node has 2 CPUs, and 2 GPUs that are device files.
 SMALL_JOBS = [
@@ -115,3 +128,58 @@ def test_a_job_that_can_never_start_is_named_with_squeue_s_reason(slurm: dict[st
         except subprocess.TimeoutExpired:
             launcher.kill()
         subprocess.run(["scancel", "--partition=short"], env=slurm, check=False)
+
+
+def _study(postgres_url: str, server: str, *extra: str, workers: int) -> list[str]:
+    resources = [o for o in SMALL_JOBS if not o.startswith("hydra/launcher=")]
+    return cluster_study(postgres_url, server, *resources, *extra, workers=workers, launcher="slurm_gpu")
+
+
+def test_a_study_of_three_slurm_workers(
+    slurm: dict[str, str], workdir: Path, postgres_url: str, mlflow_server: TrackingServer
+) -> None:
+    storage = with_password(postgres_url)  # which must reach no log, param, tag or artifact
+    args = _study(storage, mlflow_server.url, "study.n_trials=5", "trainer.epochs=2", workers=3)
+    result = run_cli(args, workdir, env=slurm)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    trials = check_study(postgres_study(postgres_url), mlflow_server.url, n_trials=5)
+    client = MlflowClient(mlflow_server.url)
+    no_secret(workdir, mlflow_server.artifacts, output, client)
+    jobs = {client.get_run(t.user_attrs["mlflow_run_id"]).data.tags["slurm.job_id"] for t in trials}
+    assert len({job.split("_")[0] for job in jobs}) == 1 and len(jobs) >= 2, jobs  # one array, several workers
+
+
+def test_a_preempted_worker_hands_its_trial_back_and_the_requeued_job_works_on(
+    slurm: dict[str, str], workdir: Path, postgres_url: str, mlflow_server: TrackingServer
+) -> None:
+    """SLURM's preemption: the pre-timeout signal (SIGUSR2) to a running worker, then the job requeued."""
+    args = _study(postgres_url, mlflow_server.url, "study.n_trials=3", "trainer.epochs=6", workers=2)
+    study_proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "run.py"), *args],
+        cwd=workdir,
+        env=slurm,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    # A trial reports an epoch before it checkpoints it: once epoch 3 is reported, epoch 2 is saved.
+    victim = wait_for_a_trial_after_epoch(postgres_url, study_proc, epoch=3)
+    client = MlflowClient(mlflow_server.url)
+    job = client.get_run(victim.user_attrs["mlflow_run_id"]).data.tags["slurm.job_id"]
+    subprocess.run(["scancel", "--signal=USR2", job], env=slurm, check=True)
+    deadline = time.monotonic() + 120
+    while client.get_run(victim.user_attrs["mlflow_run_id"]).info.status != "KILLED":
+        assert time.monotonic() < deadline, "the signalled worker did not end its run KILLED"
+        time.sleep(0.2)
+    subprocess.run(["scontrol", "requeue", job], env=slurm, check=True)
+    output, _ = study_proc.communicate(timeout=900)
+    assert study_proc.returncode == 0, output[-4000:]
+    record = subprocess.run(["scontrol", "show", "job", job], env=slurm, capture_output=True, text=True).stdout
+    assert "Restarts=1" in record, record  # the requeued job ran again
+
+    trials = check_study(postgres_study(postgres_url), mlflow_server.url, n_trials=3)
+    (resumed,) = [t for t in trials if t.system_attrs.get("failed_trial") == victim.number]
+    # It went on from the handed-back trial's last epoch checkpoint: fewer than 6 epochs trained again.
+    epochs = [m.step for m in client.get_metric_history(resumed.user_attrs["mlflow_run_id"], "loss")]
+    assert min(epochs) > 2 and max(epochs) == 6, epochs

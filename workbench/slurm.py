@@ -14,9 +14,10 @@ import logging
 import re
 import shutil
 import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
-from omegaconf import DictConfig
 from submitit.slurm.slurm import SlurmInfoWatcher, SlurmJob
 
 from workbench.config import ConfigError
@@ -41,7 +42,7 @@ class Node:
     gpus: int
 
 
-def check_resources(launcher: DictConfig) -> None:
+def check_resources(launcher: Mapping[str, Any]) -> None:
     """Refuse hydra.launcher.* values that no node of the partition can satisfy, as sinfo tells; warn when
     sinfo cannot tell (not installed here, or no answer)."""
     partition = launcher.get("partition")
