@@ -25,6 +25,7 @@ from helpers import (
     check_study,
     cli_env,
     cluster_study,
+    postgres_admin,
     postgres_study,
     serve_mlflow,
     wait_for_a_trial_after_epoch,
@@ -89,6 +90,30 @@ def test_a_killed_worker_s_trial_resumes_elsewhere_from_its_checkpoint(
     # The retry went on from the lost trial's last epoch checkpoint: it retrained fewer epochs than 6.
     retried_epochs = [m.step for m in client.get_metric_history(retry.user_attrs["mlflow_run_id"], "loss")]
     assert min(retried_epochs) > 2 and max(retried_epochs) == 6, retried_epochs
+
+
+def test_connections_the_storage_server_drops_mid_study_are_made_again(
+    workdir: Path, postgres_url: str, mlflow_server: TrackingServer
+) -> None:
+    """The study database's idle connections terminated every second (as a restart or a failover does):
+    workers reconnect, and no trial is lost or run twice."""
+    args = _study_args(postgres_url, mlflow_server.url, "study.n_trials=4", "trainer.epochs=3", workers=2)
+    study_proc = _start(args, workdir)
+    database, terminated, output = postgres_url.rsplit("/", 1)[1], 0, None
+    with postgres_admin() as admin:
+        while output is None:
+            row = admin.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = %s AND state = 'idle'",
+                (database,),
+            ).fetchone()
+            terminated += row[0] if row else 0
+            try:
+                output, _ = study_proc.communicate(timeout=1)  # keeps reading the output: no full pipe
+            except subprocess.TimeoutExpired:
+                continue
+    assert study_proc.returncode == 0, output[-4000:]
+    assert terminated >= 5, terminated
+    check_study(postgres_study(postgres_url), mlflow_server.url, n_trials=4)
 
 
 RACE = """

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from workbench.config import sqlalchemy_url
 from workbench.study.spec import Spec
-from workbench.study.storage import sqlite_file
+from workbench.study.storage import retried, sqlite_file
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
@@ -63,15 +63,24 @@ class AdvisoryLock:
         self._connection: Connection | None = None
 
     def acquire(self) -> None:
+        retried(self._acquire)  # a server that is away is waited for, as the storage's calls wait
+
+    def _acquire(self) -> None:
         import sqlalchemy
 
+        self.release()
         self._connection = self.engine.connect()
         self._connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": self.key})
 
     def release(self) -> None:
         import sqlalchemy
 
-        if self._connection is not None:
+        if self._connection is None:
+            return
+        try:
             self._connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": self.key})
+        except sqlalchemy.exc.OperationalError:
+            pass  # the connection is gone, and with it the lock: the server ends a session's locks
+        finally:
             self._connection.close()
             self._connection = None

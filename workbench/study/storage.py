@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
+import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 from workbench.config import ConfigError, first_line, redact, sqlalchemy_url
 
@@ -18,6 +21,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 SQLITE_TIMEOUT_S = 60  # several workers and their heartbeats write to one file: wait for the lock, don't fail
+OUTAGE_S = 120  # how long a worker waits for a storage server that went away (a restart, a failover)
+T = TypeVar("T")
 
 
 def open_storage(spec: Spec, heartbeat: bool = False) -> optuna.storages.RDBStorage:
@@ -26,7 +31,9 @@ def open_storage(spec: Spec, heartbeat: bool = False) -> optuna.storages.RDBStor
     import optuna
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
-    engine = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}} if sqlite_file(spec.storage) else {}
+    # A server's connections can go (a restart, an idle timeout, pg_terminate_backend): test each one as it
+    # leaves the pool and reconnect, rather than fail the trial. Optuna turns this on for MySQL only.
+    engine = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}} if sqlite_file(spec.storage) else {"pool_pre_ping": True}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         options: dict[str, Any] = {}  # RDBStorage's heartbeat keywords
@@ -39,7 +46,8 @@ def open_storage(spec: Spec, heartbeat: bool = False) -> optuna.storages.RDBStor
                 "heartbeat_stale_trial_callback": retry,
             }
         try:
-            return RDBStorage(sqlalchemy_url(spec.storage), engine_kwargs=engine, **options)
+            storage_class = RDBStorage if sqlite_file(spec.storage) else _reconnecting(RDBStorage)
+            return retried(lambda: storage_class(sqlalchemy_url(spec.storage), engine_kwargs=engine, **options))
         except Exception as exc:  # a driver missing, a server down, a bad URL
             reason = redact(first_line(exc))
             raise ConfigError(f"study.storage={redact(spec.storage)}: cannot open it: {reason}") from exc
@@ -192,3 +200,70 @@ def sqlite_file(url: str) -> Path | None:
         return None
     database = make_url(url).database
     return Path(database) if database is not None else None  # `sqlite://` is in memory: no file
+
+
+def retried(call: Callable[[], T], outage_s: float = OUTAGE_S) -> T:
+    """`call()`, made again while the storage server cannot be reached, for up to `outage_s` seconds.
+
+    The engine's pool_pre_ping replaces connections that died while idle; this covers a server that is away
+    while a worker opens the storage or makes a call (a restart, a failover: up to two minutes)."""
+    import optuna
+    from sqlalchemy.exc import OperationalError
+
+    deadline = time.monotonic() + outage_s
+    while True:
+        try:
+            return call()
+        # The connection's errors (refused, terminated, reset), bare or as Optuna wraps them.
+        except (OperationalError, optuna.exceptions.StorageInternalError) as exc:
+            cause = exc if isinstance(exc, OperationalError) else exc.__cause__
+            if not isinstance(cause, OperationalError) or time.monotonic() > deadline:
+                raise
+            log.warning("The study's storage did not answer (%s); trying again", redact(first_line(cause)))
+            time.sleep(2)
+
+
+# The storage calls a study makes while it runs: each made again while the server is away (retried).
+RETRIED_CALLS = [
+    "get_study_id_from_name",
+    "get_study_name_from_id",
+    "get_study_directions",
+    "get_study_user_attrs",
+    "get_study_system_attrs",
+    "get_trial_user_attrs",
+    "get_trial_system_attrs",
+    "get_all_studies",
+    "create_new_trial",
+    "set_trial_param",
+    "get_trial_param",
+    "set_trial_state_values",
+    "set_trial_intermediate_value",
+    "set_trial_user_attr",
+    "set_trial_system_attr",
+    "get_trial_id_from_study_id_trial_number",
+    "get_trial",
+    "get_all_trials",
+    "get_best_trial",
+    "record_heartbeat",
+    "set_study_user_attr",
+    "set_study_system_attr",
+]
+
+
+def _reconnecting(base: type[T]) -> type[T]:
+    """RDBStorage whose calls wait out a storage server that went away (`retried`), heartbeats included:
+    Optuna's heartbeat thread dies at the first error, and its trial would then count as lost.
+
+    A call is made again only after a connection error. Should a server commit a write and drop the
+    connection before answering (a restart at that very moment), a repeated create_new_trial would leave
+    a trial that nothing runs; pool_pre_ping and the retry make every more likely case safe."""
+
+    def make_again(name: str) -> Callable[..., Any]:
+        method = getattr(base, name)
+
+        def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+            return retried(lambda: method(self, *args, **kwargs))
+
+        return functools.wraps(method)(call)
+
+    return cast(type[T], type(f"Reconnecting{base.__name__}", (base,), {n: make_again(n) for n in RETRIED_CALLS}))
