@@ -14,7 +14,6 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import optuna
@@ -154,63 +153,72 @@ def throwaway_database() -> Iterator[str]:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-class TrackingServer(NamedTuple):
-    url: str
-    artifacts: Path  # the shared folder behind --artifacts-destination
+class TrackingServer:
+    """A real `mlflow server` with a PostgreSQL backend and a shared artifact folder, on a free loopback port.
+    `stop()` and `start()` take it away and bring it back on the same port and store, as a restart would."""
+
+    def __init__(self, folder: Path, database: str, *args: str, env: dict[str, str] | None = None):
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.url, self.artifacts, self.folder = f"http://127.0.0.1:{port}", folder / "artifacts", folder
+        self._command = [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            database.replace("postgresql://", "postgresql+psycopg://", 1),
+            "--artifacts-destination",
+            str(self.artifacts),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            *args,
+        ]
+        # Its job runner (seven huey processes) serves MLflow's GenAI jobs, which the workbench never uses.
+        self._env = {**cli_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env or {})}
+        self._process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        import time
+        import urllib.request
+
+        with (self.folder / "server.log").open("a") as log:
+            self._process = subprocess.Popen(self._command, stdout=log, stderr=subprocess.STDOUT, env=self._env)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.url}/health", timeout=2)
+                return
+            except OSError:
+                if self._process.poll() is not None or time.monotonic() > deadline:
+                    log_text = (self.folder / "server.log").read_text()[-2000:]
+                    raise RuntimeError(f"mlflow server did not start: {log_text}") from None
+                time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self._process is not None:
+            self._process.terminate()
+            self._process.wait(timeout=30)
+            self._process = None
 
 
 @contextlib.contextmanager
 def serve_mlflow(folder: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[TrackingServer]:
-    """A real `mlflow server` with a PostgreSQL backend and a shared artifact folder, on a free loopback port."""
-    import socket
-    import time
-    import urllib.request
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     # Its own database: MLflow and Optuna both keep an alembic_version table.
-    with throwaway_database() as database, (folder / "server.log").open("w") as log:
-        server = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "mlflow",
-                "server",
-                "--backend-store-uri",
-                database.replace("postgresql://", "postgresql+psycopg://", 1),
-                "--artifacts-destination",
-                str(folder / "artifacts"),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--workers",
-                "1",
-                *args,
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            # Its job runner (seven huey processes) serves MLflow's GenAI jobs, which the workbench never uses.
-            env={**cli_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env or {})},
-        )
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=2)
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"mlflow server did not start: {(folder / 'server.log').read_text()[-2000:]}"
-                    ) from None
-                time.sleep(0.5)
+    with throwaway_database() as database:
+        server = TrackingServer(folder, database, *args, env=env)
+        server.start()
         try:
-            yield TrackingServer(url, folder / "artifacts")
+            yield server
         finally:
-            server.terminate()
-            server.wait(timeout=30)
+            server.stop()
 
 
 # --- studies: `python run.py --multirun study=...` on a SQLite storage in the test's folder ---------------

@@ -118,11 +118,12 @@ def test_connections_the_storage_server_drops_mid_study_are_made_again(
 
 RACE = """
 import sys, time
+from pathlib import Path
 from omegaconf import OmegaConf
 from workbench import tracking
 time.sleep(max(0.0, float(sys.argv[2]) - time.time()))  # all start together: the race is the point
-cfg = OmegaConf.create({"uri": sys.argv[1], "experiment": "fresh", "run_name": None})
-with tracking.run(cfg, tracking.configure(cfg)):
+cfg = OmegaConf.create({"uri": sys.argv[1], "experiment": "fresh", "run_name": None, "server_wait_s": 0})
+with tracking.run(cfg, tracking.configure(cfg), Path("checkpoints")):
     tracking.log_dataset("digits", "sklearn.datasets.load_digits", "9b4db4a52cd4")
 """
 

@@ -46,9 +46,10 @@ def main(cfg: DictConfig) -> float | int | None:
     shown = {k: metrics[k] for k in sorted(metrics) if k.startswith(("val_", "accuracy", "loss"))}
     print(f"\nRun {result.run_id} FINISHED in experiment '{cfg.tracking.experiment}'")
     print("  " + "  ".join(f"{k}={v:.4f}" for k, v in shown.items()))
-    from workbench import tracking
+    if not result.unsent:  # else the store is away, as the warning above says
+        from workbench import tracking
 
-    print(f"  Compare runs: {tracking.ui_hint(result.run_id)}")
+        print(f"  Compare runs: {tracking.ui_hint(result.run_id)}")
     return metrics.get(cfg.tracking.monitor)
 
 

@@ -8,10 +8,10 @@ import time
 from collections.abc import Callable
 
 import keras
-import mlflow
 
-from workbench import models, signals, tracking
+from workbench import models, signals
 from workbench.checkpoints import CheckpointDir, State, improved, minimizes, save_rng
+from workbench.outbox import Outbox
 
 # (epoch from 1, metrics) -> stop? Studies pass one that reports to the Optuna trial and answers whether
 # the pruner wants the trial stopped; training then ends normally after that epoch.
@@ -94,18 +94,20 @@ class Report(keras.callbacks.Callback):
 
 
 class MlflowEpochs(keras.callbacks.Callback):
-    """Logs each epoch's metrics to the active MLflow run (step = epoch, from 1), and, when given a
-    checkpoint folder, that epoch's checkpoint too."""
+    """Sends each epoch's metrics (step = epoch, from 1) to the run's outbox, and, when given a checkpoint
+    folder, that epoch's checkpoint too; then tries to send what is pending (a server that is away makes
+    the epoch wait no longer than a refused connection)."""
 
-    def __init__(self, every_epoch: CheckpointDir | None = None):
+    def __init__(self, box: Outbox, every_epoch: CheckpointDir | None = None):
         super().__init__()
-        self.every_epoch = every_epoch
+        self.box, self.every_epoch = box, every_epoch
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         with signals.held():
-            tracking.log_epoch({k: float(v) for k, v in (logs or {}).items()}, epoch + 1)
+            self.box.metrics({k: float(v) for k, v in (logs or {}).items()}, epoch + 1)
             if self.every_epoch is not None:
-                mlflow.log_artifact(str(self.every_epoch.epoch_file(epoch + 1)), artifact_path="checkpoints")
+                self.box.artifact(self.every_epoch.epoch_file(epoch + 1), "checkpoints")
+            self.box.send()
 
 
 class Checkpointer(keras.callbacks.Callback):

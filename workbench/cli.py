@@ -6,6 +6,7 @@
     workbench predict <run id> photo.jpg photos/      # the top classes of each image, by name
     workbench data build ~/flowers ~/flowers-records  # an image folder as sharded TFRecords (data=tfrecord)
     workbench eval <run id> [data=... data.path=...] [--crops 10]   # top-1/top-5, per class, confusion matrix
+    workbench sync [checkpoints]                      # send what runs kept while the tracking server was away
 
 The study file (studies/<name>.yaml) names the storage and the Optuna study; `--storage URL` or any
 `study.<key>=<value>` override given at launch (e.g. study.name=...) points elsewhere. Only `predict`
@@ -42,6 +43,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         return data_build(args)
     if args.topic == "eval":
         return evaluate(args)
+    if args.topic == "sync":
+        return sync(args)
     try:
         spec, study = _load(args.name, args.storage, args.overrides)
     except ConfigError as exc:
@@ -105,6 +108,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     command.add_argument("--batch-size", default="64", metavar="N", help="model inputs per batch (default: 64)")
     command.add_argument("--tracking-uri", help="the MLflow store (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
+
+    text = "send what runs kept in their outbox while the tracking store was away, in order"
+    command = topics.add_parser("sync", help=text, description=text)
+    command.add_argument(
+        "paths", nargs="*", default=["checkpoints"], help="outbox folders, or folders holding them (checkpoints)"
+    )
+    command.add_argument("--tracking-uri", help="the MLflow store, instead of the one each run was logged to")
     return parser
 
 
@@ -229,6 +239,47 @@ def data_build(args: argparse.Namespace) -> None:
     if manifest["skipped"]:
         print(f"Skipped {manifest['skipped']} unreadable image file(s), listed in {args.out}/{records.SKIPPED}")
     print(f"Train on them: python run.py data=tfrecord data.path={args.out}")
+
+
+def sync(args: argparse.Namespace) -> None:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from workbench import outbox
+    from workbench.config import first_line, sqlalchemy_url
+
+    try:
+        boxes = outbox.find([Path(p) for p in args.paths])
+    except ConfigError as exc:
+        fail(str(exc))
+    if not boxes:
+        print(f"Nothing to send: no outbox in {', '.join(args.paths)}")
+        return
+    left = 0
+    for box in boxes:
+        uri = args.tracking_uri or box.tracking_uri
+        if uri is None:
+            fail(f"{box.folder}: its tracking store's URI holds a password, so it was not kept: give --tracking-uri")
+        try:
+            box.lock()
+        except ConfigError as exc:
+            print(f"Skipped {exc}")
+            left += 1
+            continue
+        mlflow.set_tracking_uri(sqlalchemy_url(uri))
+        count, why = box.pending(), f"{redact(uri)} is away"
+        try:
+            sent = box.send()
+        except MlflowException as exc:  # refused, not away: e.g. the run was deleted
+            sent, why = False, f"{redact(uri)} refused it: {redact(first_line(exc))}"
+        box.unlock()
+        if sent:
+            print(f"Sent run {box.run_id}: {count} items to {redact(uri)}")
+        else:
+            left += 1
+            print(f"Run {box.run_id}: {box.pending()} items still wait in {box.folder} ({why})")
+    if left:
+        raise SystemExit(1)
 
 
 def _elapsed(trials: list[optuna.trial.FrozenTrial]) -> str:

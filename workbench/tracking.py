@@ -19,7 +19,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
-from workbench import signals
+from workbench import outbox, signals
 from workbench.config import (
     RUN_CONTROL_KEYS,
     ConfigError,
@@ -29,6 +29,7 @@ from workbench.config import (
     redacted_yaml,
     sqlalchemy_url,
 )
+from workbench.outbox import Outbox
 
 if TYPE_CHECKING:
     import keras
@@ -115,12 +116,15 @@ def _empty_store() -> Path:
 def run(
     tracking_cfg: DictConfig,
     experiment_id: str,
+    outbox_root: Path,
     run_id: str | None = None,
     parent_run_id: str | None = None,
     tags: dict[str, str] | None = None,
-) -> Iterator[mlflow.ActiveRun]:
-    """Start (or continue, with run_id) a run in the experiment `configure` returned; end it FINISHED, FAILED
-    or KILLED."""
+) -> Iterator[Outbox]:
+    """Start (or continue, with run_id) a run in the experiment `configure` returned, and yield its outbox
+    (under `outbox_root`), through which everything after the start reaches the store; end the run
+    FINISHED, FAILED or KILLED. A training that succeeded waits up to `tracking.server_wait_s` for a server
+    that is away, then leaves the rest for `workbench sync` with one line saying so."""
     name = tracking_cfg.run_name
     if name is None and tags and {"model", "optimizer"} <= tags.keys():  # rather than MLflow's random words
         name = f"{tags['model']}-{tags['optimizer']}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -131,20 +135,47 @@ def run(
         parent_run_id=parent_run_id,
         tags=tags,
     )
+    box = Outbox.open(outbox_root, active.info.run_id, mlflow.get_tracking_uri())
     status = "FAILED"
     try:
+        box.send()  # what an earlier attempt of this run left unsent goes first
         with signals.stop_on_signals():  # inside a study worker's: the worker's scope stays in charge
-            yield active
+            yield box
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
-        mlflow.set_tag("workbench.stopped", "interrupted (Ctrl-C or SIGTERM)")
+        box.tag("workbench.stopped", "interrupted (Ctrl-C or SIGTERM)")
         raise
     except BaseException as exc:
-        mlflow.set_tag("workbench.error", redact(f"{type(exc).__name__}: {exc}")[:5000])
+        box.tag("workbench.error", redact(f"{type(exc).__name__}: {exc}")[:5000])
         raise
     finally:
-        mlflow.end_run(status)
+        _end(box, status, float(tracking_cfg.server_wait_s) if status == "FINISHED" else 0.0)
+
+
+def _end(box: Outbox, status: str, patience_s: float) -> None:
+    """Send the run's last items and its status; what the store cannot take now stays in the outbox."""
+    box.status(status)
+    sent = False
+    try:
+        sent = box.send(patience_s)
+    finally:  # a stop while waiting for the server ends the wait, not the outbox
+        if not sent:
+            # The status was not sent, so MLflow still holds the run active in this process: leave it (MLflow
+            # has no other public way; ending it asks the store once more, quickly, and may fail).
+            with outbox.no_retries(), contextlib.suppress(Exception):
+                mlflow.end_run(status)
+            box.unlock()
+            log.warning(
+                "The tracking store %s is away: run %s ended %s with %d items unsent, kept in %s; "
+                "send them with `workbench sync %s`",
+                redact(mlflow.get_tracking_uri()),
+                box.run_id,
+                status,
+                box.pending(),
+                box.folder,
+                box.folder,
+            )
 
 
 @contextlib.contextmanager
@@ -273,18 +304,12 @@ def log_dataset(name: str, uri: str, digest: str, context: str = "training") -> 
         mlflow.log_input(dataset, context=context)
 
 
-def log_epoch(metrics: dict[str, float], epoch: int) -> None:
-    """Per-epoch metrics, written at once: a few milliseconds an epoch. MLflow's asynchronous logging would
-    cost more than it saves, since ending a run that used it waits up to a second for its thread (mlflow 3.17)."""
-    mlflow.log_metrics(metrics, step=epoch)
-
-
-def log_epoch_if_missing(run_id: str, metrics: dict[str, float], epoch: int) -> None:
+def log_epoch_if_missing(box: Outbox, metrics: dict[str, float], epoch: int) -> None:
     """On resume: a stop that came after the epoch's checkpoint but before its metrics reached the store
-    leaves the epoch unlogged, and resume starts after it. Log it now, once."""
+    (or the outbox) leaves the epoch unlogged, and resume starts after it. Log it now, once."""
     key = next(iter(metrics), None)
-    if key is not None and all(m.step != epoch for m in MlflowClient().get_metric_history(run_id, key)):
-        mlflow.log_metrics(metrics, step=epoch)
+    if key is not None and all(m.step != epoch for m in MlflowClient().get_metric_history(box.run_id, key)):
+        box.metrics(metrics, epoch)
 
 
 def log_curves(run_id: str) -> None:
@@ -305,7 +330,7 @@ def log_curves(run_id: str) -> None:
         ax.set_title(keys[0].replace("_", " "))
         ax.legend()
     fig.tight_layout()
-    mlflow.log_figure(fig, "training_curves.png")
+    client.log_figure(run_id, fig, "training_curves.png")
     plt.close(fig)
 
 
@@ -349,8 +374,3 @@ def log_model(model: keras.Model, size: int, class_names: list[str], architectur
     # The requirements are known: given, MLflow does not start its inference subprocess (tens of seconds).
     pip = [f"{name}=={version(name)}" for name in ("keras", "tensorflow")]
     mlflow.keras.log_model(model, name="model", signature=signature, pip_requirements=pip, metadata=metadata)
-
-
-def final_metrics(run_id: str) -> dict[str, float]:
-    """The latest value of every metric of the run, as the MLflow UI shows it."""
-    return dict(MlflowClient().get_run(run_id).data.metrics)

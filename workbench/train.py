@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
     from workbench.callbacks import ReportFn
     from workbench.data import Pipelines
+    from workbench.outbox import Outbox
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class Result:
 
     run_id: str
     metrics: dict[str, float]
+    unsent: bool = False  # the tracking store was away at the end: `workbench sync` sends the rest
 
 
 def checkpoint_dir(cfg: DictConfig) -> Path:
@@ -111,11 +113,15 @@ def _train(
         model, pipelines = _prepare(cfg, model_cfg, source, size, ckpt, state, strategy)
         run_tags = tracking.run_tags(cfg, context.choices, context.overrides, config_hash(cfg)) | (tags or {})
         with tracking.run(
-            cfg.tracking, experiment_id, run_id=state.run_id, parent_run_id=parent_run_id, tags=run_tags
-        ) as active:
-            run_id = active.info.run_id
+            cfg.tracking,
+            experiment_id,
+            ckpt.path.parent,
+            run_id=state.run_id,
+            parent_run_id=parent_run_id,
+            tags=run_tags,
+        ) as box:
             if on_run_start is not None:
-                on_run_start(run_id)
+                on_run_start(box.run_id)
             if state.run_id is None:
                 _log_config(cfg, context)
                 tracking.log_dataset(source.name, source.uri, source.digest)
@@ -123,12 +129,14 @@ def _train(
                 if source.skipped:  # counted in the log by the scan; named here
                     mlflow.log_text(sources.skipped_files_text(source), "skipped_files.txt")
                 mlflow.log_metric("parameters", model.count_params())
-                state.run_id = run_id
+                state.run_id = box.run_id
             elif state.metrics:
-                tracking.log_epoch_if_missing(run_id, state.metrics, state.epoch)
-            _fit(cfg, model, pipelines, ckpt, state, report)
-            _log_outputs(cfg, model, ckpt, run_id, size, source.class_names)
-            return Result(run_id, tracking.final_metrics(run_id))
+                tracking.log_epoch_if_missing(box, state.metrics, state.epoch)
+            _fit(cfg, model, pipelines, ckpt, state, report, box)
+            _log_outputs(cfg, model, ckpt, box, size, source.class_names)
+        # The last epoch's metrics, as logged, whether or not the store has them yet.
+        metrics = {"parameters": float(model.count_params()), **(state.metrics or {})}
+        return Result(box.run_id, metrics, unsent=box.pending() > 0)
 
 
 def _log_config(cfg: DictConfig, context: RunContext) -> None:
@@ -200,6 +208,7 @@ def _fit(
     ckpt: CheckpointDir,
     state: State,
     report: ReportFn | None,
+    box: Outbox,
 ) -> None:
     import keras
 
@@ -221,7 +230,7 @@ def _fit(
             keep_best=uploads in ("best", "best_and_last"),
             keep_every=uploads == "every_epoch",
         ),
-        MlflowEpochs(ckpt if uploads == "every_epoch" else None),
+        MlflowEpochs(box, ckpt if uploads == "every_epoch" else None),
         # A stop whose KeyboardInterrupt Python swallowed (it landed in a garbage-collection callback)
         # still ends training, at the next batch's start (batch-end hooks would turn off Keras's async dispatch).
         keras.callbacks.LambdaCallback(
@@ -249,20 +258,16 @@ def _fit(
 
 
 def _log_outputs(
-    cfg: DictConfig, model: keras.Model, ckpt: CheckpointDir, run_id: str, size: int, class_names: list[str]
+    cfg: DictConfig, model: keras.Model, ckpt: CheckpointDir, box: Outbox, size: int, class_names: list[str]
 ) -> None:
-    import mlflow
-
-    from workbench import tracking
-
     uploads = cfg.tracking.checkpoints
     if uploads in ("last", "best_and_last") and ckpt.last.exists():
-        mlflow.log_artifact(str(ckpt.last), artifact_path="checkpoints")
+        box.artifact(ckpt.last, "checkpoints")
     if uploads in ("best", "best_and_last") and ckpt.best.exists():
-        mlflow.log_artifact(str(ckpt.best), artifact_path="checkpoints")
-    tracking.log_curves(run_id)
+        box.artifact(ckpt.best, "checkpoints")
+    box.curves()
     if cfg.tracking.log_model:
-        tracking.log_model(model, size, class_names, cfg.model.name)
+        box.model(model, ckpt.last, size, class_names, cfg.model.name)
 
 
 def _jit(value: object) -> bool | str:
