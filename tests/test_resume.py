@@ -50,7 +50,7 @@ def _only_run(cwd: Path):
     return client, runs[0]
 
 
-def test_resume_continues_the_same_run_to_the_same_metrics(tmp_path: Path) -> None:
+def test_resume_continues_the_same_run_to_the_same_metrics_and_starts_fresh_without_one(tmp_path: Path) -> None:
     interrupted, straight = tmp_path / "interrupted", tmp_path / "straight"
     interrupted.mkdir()
     straight.mkdir()
@@ -72,25 +72,10 @@ def test_resume_continues_the_same_run_to_the_same_metrics(tmp_path: Path) -> No
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")]
     assert sorted(steps) == [1, 2, 3, 4], "every epoch logged exactly once across both attempts"
 
-    reference = run_cli(ARGS, cwd=straight)
+    # The uninterrupted run asks to resume too: with no checkpoint yet, it starts from scratch.
+    reference = run_cli([*ARGS, "trainer.resume=true"], cwd=straight)
     assert reference.returncode == 0, reference.stderr
+    assert "No checkpoint in" in reference.stdout + reference.stderr
     _, expected = _only_run(straight)
     for key in COMPARED:
         assert run.data.metrics[key] == pytest.approx(expected.data.metrics[key], rel=1e-5, abs=1e-6), key
-
-
-def test_resume_without_a_checkpoint_starts_fresh(workdir: Path) -> None:
-    result = run_cli(
-        [
-            "trainer.epochs=1",
-            "trainer.steps_per_epoch=2",
-            "model.input_size=16",
-            "trainer.resume=true",
-            "tracking.log_model=false",
-        ],
-        cwd=workdir,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "No checkpoint in" in result.stdout + result.stderr
-    _, run = _only_run(workdir)
-    assert run.info.status == "FINISHED"

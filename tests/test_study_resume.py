@@ -125,6 +125,7 @@ def test_a_dead_workers_trial_is_retried_from_its_last_checkpoint(workdir: Path)
     client = MlflowClient(tracking_uri(workdir))
     dead_run = client.get_run(dead.user_attrs["mlflow_run_id"])
     assert dead_run.info.status == "KILLED" and dead_run.data.tags["state"] == "FAIL"
+    assert not list(workdir.rglob("outbox")), "the dead run's outbox, ended by the retry, is gone"
     retry_run = client.get_run(retry.user_attrs["mlflow_run_id"])
     assert retry_run.data.tags["retry_of"] == "0"
     # It went on from the dead attempt's checkpoint: its run logged only the epochs after it.

@@ -273,7 +273,9 @@ def sync(args: argparse.Namespace) -> None:
         except MlflowException as exc:  # refused, not away: e.g. the run was deleted
             sent, why = False, f"{redact(uri)} refused it: {redact(first_line(exc))}"
         box.unlock()
-        if sent:
+        if sent and box.folder.exists():  # sent, but the run has not ended: its process stopped first
+            print(f"Sent run {box.run_id}: {count} items; it did not end (resume it, or delete {box.folder})")
+        elif sent:
             print(f"Sent run {box.run_id}: {count} items to {redact(uri)}")
         else:
             left += 1

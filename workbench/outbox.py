@@ -43,8 +43,9 @@ class Outbox:
         self._lock_fd: int | None = None
 
     @classmethod
-    def open(cls, root: Path, run_id: str, tracking_uri: str) -> Outbox:
-        """The outbox of a run that starts (or starts again, keeping what an earlier attempt left unsent)."""
+    def open(cls, root: Path, run_id: str, tracking_uri: str, starting: bool = True) -> Outbox:
+        """The outbox of a run that starts (or starts again, keeping what an earlier attempt left unsent);
+        with `starting=False`, of a run another process left behind, to end it."""
         box = cls(root / FOLDER / run_id)
         box.folder.mkdir(parents=True, exist_ok=True)
         box.lock()
@@ -53,7 +54,8 @@ class Outbox:
             # With a password in it, the store's URI is not written down: `workbench sync` then needs it given.
             uri = _absolute(tracking_uri)
             _atomic_write(run_file, json.dumps({"run_id": run_id, "tracking_uri": uri if redact(uri) == uri else None}))
-        box._add({"op": "status", "status": "RUNNING"})  # an earlier attempt's final status no longer holds
+        if starting:
+            box._add({"op": "status", "status": "RUNNING"})  # an earlier attempt's final status no longer holds
         return box
 
     @property

@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, open_dict
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 
-from workbench.config import redact
+from workbench.config import ConfigError, redact
 from workbench.study import compose, storage
 
 if TYPE_CHECKING:
@@ -84,7 +84,7 @@ class Objective:
         tags = {"study": self.spec.name, "trial_number": str(trial.number), "state": "RUNNING"}
         if attempts:
             tags["retry_of"] = str(attempts[0])
-            _end_dead_run(trial)
+            _end_dead_run(trial, directory)
             _take_over_checkpoint(trial.number, attempts, self.spec.name, directory, cfg.trainer.epochs)
         return self._train(trial, cfg, context, tags)
 
@@ -158,14 +158,26 @@ def _dead_attempts(trial: optuna.Trial) -> list[int]:
         return RetryHeartbeatStaleTrialCallback.retry_history(frozen)
 
 
-def _end_dead_run(trial: optuna.Trial) -> None:
-    """The dead worker never ended its MLflow run, whose id the retry inherited: mark it KILLED."""
+def _end_dead_run(trial: optuna.Trial, directory: Path) -> None:
+    """The dead worker never ended its MLflow run, whose id the retry inherited: mark it KILLED, through
+    its outbox (beside `directory`), after whatever the dead worker left unsent there."""
+    import mlflow
+
+    from workbench.outbox import Outbox
+
     run_id = trial.user_attrs.get("mlflow_run_id")
-    if run_id:
-        client = MlflowClient()
-        client.set_tag(run_id, "state", "FAIL")
-        client.set_tag(run_id, "workbench.stopped", f"worker died; retried as trial {trial.number}")
-        client.set_terminated(run_id, "KILLED")
+    if not run_id:
+        return
+    try:
+        box = Outbox.open(directory.parent, run_id, mlflow.get_tracking_uri(), starting=False)
+    except ConfigError:  # its worker holds it: alive after all, only late with its heartbeat; it ends its run
+        log.warning("Trial %d: its earlier attempt's run %s is still in use, left to it", trial.number, run_id)
+        return
+    box.tag("state", "FAIL")
+    box.tag("workbench.stopped", f"worker died; retried as trial {trial.number}")
+    box.status("KILLED")
+    box.send()
+    box.unlock()
 
 
 def _take_over_checkpoint(number: int, attempts: list[int], study_name: str, directory: Path, epochs: int) -> None:
