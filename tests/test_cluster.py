@@ -7,8 +7,6 @@ In CI these never skip: PostgreSQL must be reachable (conftest fails the test ot
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -28,8 +26,6 @@ from helpers import (
     postgres_admin,
     postgres_study,
     serve_mlflow,
-    wait_for_a_trial_after_epoch,
-    wait_until_done,
     with_password,
 )
 
@@ -47,49 +43,6 @@ def _start(args: list[str], cwd: Path) -> subprocess.Popen:
         stderr=subprocess.STDOUT,
         text=True,
     )
-
-
-def _workers(cwd: Path) -> list[int]:
-    """PIDs of the submitit jobs (the study workers) started from `cwd`."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        try:
-            cmd = (proc / "cmdline").read_bytes().split(b"\0")
-            if b"submitit.core._submit" in cmd and Path(os.readlink(proc / "cwd")) == cwd:
-                pids.append(int(proc.name))
-        except (OSError, ValueError):
-            continue
-    return pids
-
-
-def test_a_killed_worker_s_trial_resumes_elsewhere_from_its_checkpoint(
-    workdir: Path, postgres_url: str, mlflow_server: TrackingServer
-) -> None:
-    """kill -9: no hand-back, the heartbeat finds the trial. (A stopped worker that hands its trial back,
-    SIGTERM or SLURM's SIGUSR2, is tests/test_slurm.py's preemption test.)"""
-    # Two workers: the one left takes the lost trial over.
-    study_proc = _start(
-        _study_args(
-            postgres_url, mlflow_server.url, "study.n_trials=3", "trainer.epochs=6", "study.pruner.name=none", workers=2
-        ),
-        workdir,
-    )
-    # A trial reports an epoch before it checkpoints it: once epoch 3 is reported, epoch 2 is saved.
-    victim = wait_for_a_trial_after_epoch(postgres_url, study_proc, epoch=3)
-    os.kill(victim.user_attrs["worker"]["pid"], signal.SIGKILL)
-    study_proc.communicate(timeout=900)
-    # submitit reports the killed job as failed and the sweep exits with an error, while the other
-    # workers (separate processes) finish the study: wait for them.
-    wait_until_done(postgres_url, 3)
-
-    trials = check_study(postgres_study(postgres_url), mlflow_server.url, n_trials=3)
-    (retry,) = [t for t in trials if t.system_attrs.get("failed_trial") == victim.number]
-    client = MlflowClient(mlflow_server.url)
-    lost_run = client.get_run(victim.user_attrs["mlflow_run_id"])
-    assert lost_run.info.status == "KILLED"
-    # The retry went on from the lost trial's last epoch checkpoint: it retrained fewer epochs than 6.
-    retried_epochs = [m.step for m in client.get_metric_history(retry.user_attrs["mlflow_run_id"], "loss")]
-    assert min(retried_epochs) > 2 and max(retried_epochs) == 6, retried_epochs
 
 
 def test_connections_the_storage_server_drops_mid_study_are_made_again(

@@ -3,6 +3,7 @@ module starts and stops. In CI (root, with the Debian packages .ci/run installs)
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -13,10 +14,12 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
 
 import slurm_cluster
 from helpers import (
     ROOT,
+    STUDY,
     TINY,
     TrackingServer,
     check_study,
@@ -27,6 +30,7 @@ from helpers import (
     run_cli,
     tracking_uri,
     wait_for_a_trial_after_epoch,
+    wait_until_done,
     with_password,
 )
 
@@ -135,19 +139,70 @@ def _study(postgres_url: str, server: str, *extra: str, workers: int) -> list[st
     return cluster_study(postgres_url, server, *resources, *extra, workers=workers, launcher="slurm_gpu")
 
 
-def test_a_study_of_three_slurm_workers(
+def _start(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "run.py"), *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _job_state(slurm: dict[str, str], job: str) -> str:
+    """scontrol's record of a job: it keeps an ended one for MinJobAge (300 s)."""
+    return subprocess.run(["scontrol", "show", "job", job], env=slurm, capture_output=True, text=True).stdout
+
+
+def _wait_until_ended(slurm: dict[str, str], job: str, timeout: float = 150) -> None:
+    """Until no task of the job (or array) is pending, running or completing: SLURM enforces a time limit up
+    to 30 s late, then gives KillWait (10 s) after its SIGTERM."""
+    deadline = time.monotonic() + timeout
+    while True:
+        listing = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], env=slurm, capture_output=True, text=True)
+        if not listing.stdout.strip() and (listing.returncode == 0 or "Invalid job id" in listing.stderr):
+            return
+        assert time.monotonic() < deadline, f"job {job} still {listing.stdout.split()}"
+        time.sleep(0.5)
+
+
+def test_a_study_of_three_slurm_workers_runs_its_trials_though_one_is_killed(
     slurm: dict[str, str], workdir: Path, postgres_url: str, mlflow_server: TrackingServer
 ) -> None:
+    """SIGKILL to one worker's job (as a dead node or the OOM killer does it): no hand-back; another worker
+    retries its trial from the epoch checkpoint, and the study still runs exactly its trials."""
     storage = with_password(postgres_url)  # which must reach no log, param, tag or artifact
-    args = _study(storage, mlflow_server.url, "study.n_trials=5", "trainer.epochs=2", workers=3)
-    result = run_cli(args, workdir, env=slurm)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-4000:]
-    trials = check_study(postgres_study(postgres_url), mlflow_server.url, n_trials=5)
+    args = _study(storage, mlflow_server.url, "study.n_trials=5", "trainer.epochs=6", workers=3)
+    study_proc = _start(args, workdir, slurm)
+    # A trial reports an epoch before it checkpoints it: once epoch 2 is reported, epoch 1 is saved.
+    victim = wait_for_a_trial_after_epoch(postgres_url, study_proc, epoch=2)
     client = MlflowClient(mlflow_server.url)
+    job = client.get_run(victim.user_attrs["mlflow_run_id"]).data.tags["slurm.job_id"]
+    # SIGKILL to the job's step, the worker: at once. (To the whole job, scancel sends SIGTERM first, which
+    # the worker answers by handing its trial back.)
+    subprocess.run(["scancel", "--signal=KILL", f"{job}.0"], env=slurm, check=True)
+    output, _ = study_proc.communicate(timeout=900)
+    # submitit reports the killed job as failed, so the sweep ends with an error (it may end before the
+    # other workers do): wait for them to finish the study.
+    assert study_proc.returncode == 1 and f"Job {job} " in output, output[-4000:]
+    wait_until_done(postgres_url, 5)
+    _wait_until_ended(slurm, job.split("_")[0])
+    record = _job_state(slurm, job)
+    assert "JobState=FAILED" in record, record
+    log = "".join(p.read_text() for p in workdir.glob(f"multirun/*/*/.submitit/{job}/*_log.out"))
+    assert "goes back to the study" not in log, log[-3000:]  # killed outright: no hand-back
+
+    trials = check_study(postgres_study(postgres_url), mlflow_server.url, n_trials=5)
     no_secret(workdir, mlflow_server.artifacts, output, client)
     jobs = {client.get_run(t.user_attrs["mlflow_run_id"]).data.tags["slurm.job_id"] for t in trials}
-    assert len({job.split("_")[0] for job in jobs}) == 1 and len(jobs) >= 2, jobs  # one array, several workers
+    assert len({j.split("_")[0] for j in jobs}) == 1 and len(jobs) >= 2, jobs  # one array, several workers
+    # On this one node a worker sees the dead one's process gone; across nodes its heartbeat goes stale.
+    (retry,) = [t for t in trials if t.system_attrs.get("failed_trial") == victim.number]
+    assert client.get_run(victim.user_attrs["mlflow_run_id"]).info.status == "KILLED"
+    # It went on from the lost trial's last epoch checkpoint: fewer than 6 epochs trained again.
+    epochs = [m.step for m in client.get_metric_history(retry.user_attrs["mlflow_run_id"], "loss")]
+    assert min(epochs) > 1 and max(epochs) == 6, epochs
 
 
 def test_a_preempted_worker_hands_its_trial_back_and_the_requeued_job_works_on(
@@ -155,14 +210,7 @@ def test_a_preempted_worker_hands_its_trial_back_and_the_requeued_job_works_on(
 ) -> None:
     """SLURM's preemption: the pre-timeout signal (SIGUSR2) to a running worker, then the job requeued."""
     args = _study(postgres_url, mlflow_server.url, "study.n_trials=3", "trainer.epochs=6", workers=2)
-    study_proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "run.py"), *args],
-        cwd=workdir,
-        env=slurm,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    study_proc = _start(args, workdir, slurm)
     # A trial reports an epoch before it checkpoints it: once epoch 3 is reported, epoch 2 is saved.
     victim = wait_for_a_trial_after_epoch(postgres_url, study_proc, epoch=3)
     client = MlflowClient(mlflow_server.url)
@@ -183,3 +231,42 @@ def test_a_preempted_worker_hands_its_trial_back_and_the_requeued_job_works_on(
     # It went on from the handed-back trial's last epoch checkpoint: fewer than 6 epochs trained again.
     epochs = [m.step for m in client.get_metric_history(resumed.user_attrs["mlflow_run_id"], "loss")]
     assert min(epochs) > 2 and max(epochs) == 6, epochs
+
+
+def test_a_worker_at_its_time_limit_hands_its_trial_back_before_slurm_ends_the_job(
+    slurm: dict[str, str], workdir: Path, postgres_url: str, mlflow_server: TrackingServer
+) -> None:
+    """A 1-minute job: SLURM's warning before the limit (SIGUSR2, submitit's --signal) stops the worker's
+    trial, which goes back to the study with its checkpoint, and the job ends on its own before the kill."""
+    # slurmctld looks at time limits every 30 s: it sends the warning 10 to 40 s before the limit
+    # (signal_delay_s, plus up to 30 s early), and ends the job 0 to 30 s after it. The worker has at least
+    # 20 s to start training (it takes under 10 s), and at least 30 s from the warning to the kill.
+    limit = ["hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=10"]
+    args = _study(postgres_url, mlflow_server.url, *limit, "study.n_trials=1", "trainer.epochs=1000", workers=1)
+    result = run_cli(args, workdir, env=slurm)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0 and "Traceback" not in output, output[-4000:]
+
+    trials = postgres_study(postgres_url).get_trials(deepcopy=False)
+    stopped = [t for t in trials if t.state == TrialState.FAIL]
+    # (No trial at all: the warning came before the worker had started one.)
+    assert len(stopped) == 1 and len(trials) == 2, [(t.number, t.state.name) for t in trials]
+    client = MlflowClient(mlflow_server.url)
+    job = client.get_run(stopped[0].user_attrs["mlflow_run_id"]).data.tags["slurm.job_id"]
+    _wait_until_ended(slurm, job)  # the launcher returns once the job has written its result
+    record = _job_state(slurm, job)
+    assert "JobState=COMPLETED" in record, record  # not TIMEOUT: the worker returned before SLURM ended it
+    logs = "".join(p.read_text() for p in workdir.glob(f"multirun/*/*/.submitit/{job}/*_log.*"))
+    assert "Worker 0 was stopped (SIGUSR2); its trial goes back" in logs, logs[-4000:]
+    assert "Caught signal" not in logs and "Traceback" not in logs, logs[-4000:]  # not submitit's handler
+    run = client.get_run(stopped[0].user_attrs["mlflow_run_id"])
+    assert run.info.status == "KILLED" and "workbench.stopped" in run.data.tags, (run.info.status, run.data.tags)
+
+    # Queued again, to go on from the stopped trial's epoch checkpoint at the next launch.
+    (retry,) = [t for t in trials if t.state == TrialState.WAITING]
+    assert retry.system_attrs.get("failed_trial") == stopped[0].number, retry.system_attrs
+    state = json.loads((workdir / "checkpoints" / STUDY / f"trial-{stopped[0].number}" / "state.json").read_text())
+    assert 1 <= state["epoch"] <= len(retry.intermediate_values) < 1000, (
+        state["epoch"],
+        len(retry.intermediate_values),
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from hydra.experimental.callback import Callback
@@ -10,7 +11,14 @@ from omegaconf import DictConfig
 
 class PrepareTracking(Callback):
     """Create the MLflow store and experiment once, in the launching process, before a multirun's jobs
-    start: parallel jobs that each create a fresh SQLite store race on its schema."""
+    start: parallel jobs that each create a fresh SQLite store race on its schema. In each submitit job,
+    record stop signals from the job's start (signals.record_early_stops)."""
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if "SUBMITIT_FOLDER" in os.environ:  # set by submitit in its jobs' processes
+            from workbench import signals
+
+            signals.record_early_stops()
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from workbench.app import fail

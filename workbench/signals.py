@@ -28,6 +28,7 @@ class Terminated(KeyboardInterrupt):
 
 
 _received: signal.Signals | None = None  # the first stop signal of the outermost scope
+_early: signal.Signals | None = None  # a stop that came before it (record_early_stops)
 _depth = 0  # scopes entered on the main thread; only the outermost installs handlers
 _defer = False  # the outermost scope only records (its workers, other processes, stop themselves)
 _raised = False  # a stop is being handled: further signals must not interrupt its clean-up
@@ -36,7 +37,7 @@ _pending = False  # a stop arrived while held
 
 
 def received() -> signal.Signals | None:
-    """The stop signal that arrived in the current (or last) scope, if any."""
+    """The stop signal that arrived in the current (or last) scope, or before it, if any."""
     return _received
 
 
@@ -71,6 +72,21 @@ def held() -> Iterator[None]:
         raise _exception(_received or signal.SIGINT)
 
 
+def record_early_stops() -> None:
+    """In a submitit job (SLURM or local), from before the work starts: a scheduler's SIGTERM or SLURM's
+    SIGUSR2 that comes before the first scope is recorded, and that scope starts stopped (a study worker
+    takes no trial). submitit's own handlers would ignore SIGTERM, and answer SIGUSR2 near the time limit
+    by failing the job, which fails the sweep. Left in place after the work: a late signal is ignored."""
+    if threading.current_thread() is threading.main_thread() and not _depth:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, _record_early)
+
+
+def _record_early(signum: int, frame: object) -> None:
+    global _early
+    _early = _early or signal.Signals(signum)
+
+
 @contextlib.contextmanager
 def stop_on_signals(defer: bool = False) -> Iterator[None]:
     """While inside, a stop signal is recorded and raised as above; on exit the previous handlers return.
@@ -80,7 +96,7 @@ def stop_on_signals(defer: bool = False) -> Iterator[None]:
     records without raising, once: a launching process whose workers (other processes of its process group)
     got the same signal waits for them to hand back their trials, then `check()` raises; a second signal
     raises at once. Only the main thread can install handlers; elsewhere this does nothing."""
-    global _depth, _defer, _raised, _received
+    global _depth, _defer, _early, _raised, _received
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -91,7 +107,7 @@ def stop_on_signals(defer: bool = False) -> Iterator[None]:
         finally:
             _depth -= 1
         return
-    _received, _defer, _raised = None, defer, False
+    _received, _early, _defer, _raised = _early, None, defer, False
     previous = {sig: signal.signal(sig, _handler) for sig in SIGNALS}
     previous_hook = sys.unraisablehook
     sys.unraisablehook = _unraisable(previous_hook)

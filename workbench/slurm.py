@@ -113,7 +113,9 @@ def _nodes(partition: str | None) -> list[Node] | None:
 def watch_quietly() -> None:
     """Give submitit's SLURM jobs the QuietWatcher (call before the launcher submits)."""
     if not isinstance(SlurmJob.watcher, QuietWatcher):
-        SlurmJob.watcher = QuietWatcher(delay_s=600)
+        # A look at least every minute: squeue forgets an ended job MinJobAge (300 s) later, and a job that
+        # died without a result (SIGKILL, OOM) would then look RUNNING to the launcher for ever.
+        SlurmJob.watcher = QuietWatcher(delay_s=60)
 
 
 class QuietWatcher(SlurmInfoWatcher):

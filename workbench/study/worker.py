@@ -47,8 +47,9 @@ def run(cfg: DictConfig) -> int:
     _quiet_stops()
     with signals.stop_on_signals():
         while True:
-            if signals.received():
-                return ran  # stopped between trials (its KeyboardInterrupt swallowed, or a later worker)
+            if signals.received():  # between trials (its KeyboardInterrupt swallowed), or before the first
+                log.warning("Worker %d was stopped (%s); it ran %d trials", job, _name(), ran)
+                return ran
             budget_lock.acquire()
             try:
                 storage.fail_stale_trials(study)
