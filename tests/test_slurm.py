@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 import slurm_cluster
 from helpers import (
@@ -167,18 +167,40 @@ def _wait_until_ended(slurm: dict[str, str], job: str, timeout: float = 150) -> 
         time.sleep(0.5)
 
 
+def _a_trial_of_the_first_job_after_epoch(
+    postgres_url: str, study_proc: subprocess.Popen, client: MlflowClient, epoch: int
+) -> tuple[FrozenTrial, str]:
+    """A running trial of the array's task 0 past `epoch`, and that job. The launcher waits for its jobs in
+    order: with task 0 dead it gives up (after submitit's 15 s for a result file) while the others work on."""
+    deadline, jobs = time.monotonic() + 600, {}
+    while time.monotonic() < deadline:
+        assert study_proc.poll() is None, f"the study ended first:\n{study_proc.communicate()[0][-4000:]}"
+        try:
+            running = postgres_study(postgres_url).get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        except KeyError:  # no study yet
+            running = []
+        for trial in running:
+            if "failed_trial" in trial.system_attrs or "mlflow_run_id" not in trial.user_attrs:
+                continue
+            if trial.number not in jobs:  # its run is tagged with its job when it starts
+                jobs[trial.number] = client.get_run(trial.user_attrs["mlflow_run_id"]).data.tags["slurm.job_id"]
+            if jobs[trial.number].endswith("_0") and len(trial.intermediate_values) >= epoch:
+                return trial, jobs[trial.number]
+        time.sleep(0.2)
+    raise AssertionError(f"no trial of task 0 reached epoch {epoch}")
+
+
 def test_a_study_of_three_slurm_workers_runs_its_trials_though_one_is_killed(
     slurm: dict[str, str], workdir: Path, postgres_url: str, mlflow_server: TrackingServer
 ) -> None:
-    """SIGKILL to one worker's job (as a dead node or the OOM killer does it): no hand-back; another worker
+    """SIGKILL to one worker's job step (as a dead node or the OOM killer): no hand-back; another worker
     retries its trial from the epoch checkpoint, and the study still runs exactly its trials."""
     storage = with_password(postgres_url)  # which must reach no log, param, tag or artifact
     args = _study(storage, mlflow_server.url, "study.n_trials=5", "trainer.epochs=6", workers=3)
     study_proc = _start(args, workdir, slurm)
-    # A trial reports an epoch before it checkpoints it: once epoch 2 is reported, epoch 1 is saved.
-    victim = wait_for_a_trial_after_epoch(postgres_url, study_proc, epoch=2)
     client = MlflowClient(mlflow_server.url)
-    job = client.get_run(victim.user_attrs["mlflow_run_id"]).data.tags["slurm.job_id"]
+    # A trial reports an epoch before it checkpoints it: once epoch 2 is reported, epoch 1 is saved.
+    victim, job = _a_trial_of_the_first_job_after_epoch(postgres_url, study_proc, client, epoch=2)
     # SIGKILL to the job's step, the worker: at once. (To the whole job, scancel sends SIGTERM first, which
     # the worker answers by handing its trial back.)
     subprocess.run(["scancel", "--signal=KILL", f"{job}.0"], env=slurm, check=True)
@@ -260,7 +282,8 @@ def test_a_worker_at_its_time_limit_hands_its_trial_back_before_slurm_ends_the_j
     assert "Worker 0 was stopped (SIGUSR2); its trial goes back" in logs, logs[-4000:]
     assert "Caught signal" not in logs and "Traceback" not in logs, logs[-4000:]  # not submitit's handler
     run = client.get_run(stopped[0].user_attrs["mlflow_run_id"])
-    assert run.info.status == "KILLED" and "workbench.stopped" in run.data.tags, (run.info.status, run.data.tags)
+    assert run.info.status == "KILLED", run.info.status
+    assert run.data.tags.get("workbench.stopped") == "interrupted (SIGUSR2)", run.data.tags
 
     # Queued again, to go on from the stopped trial's epoch checkpoint at the next launch.
     (retry,) = [t for t in trials if t.state == TrialState.WAITING]

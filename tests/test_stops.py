@@ -77,7 +77,7 @@ def test_a_stop_signal_ends_a_run_killed_in_one_line_with_how_to_continue(workdi
     (state,) = workdir.glob("checkpoints/*/state.json")
     assert int(found[1]) == json.loads(state.read_text())["epoch"] >= 1
     (run,) = MlflowClient(tracking_uri(workdir)).search_runs(_experiments(workdir))
-    assert run.info.status == "KILLED"
+    assert run.info.status == "KILLED" and run.data.tags["workbench.stopped"] == f"interrupted ({sig.name})"
     # The epoch checkpoint is whole: it loads.
     import keras
 

@@ -144,7 +144,8 @@ def run(
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
-        box.tag("workbench.stopped", "interrupted (Ctrl-C or SIGTERM)")
+        signum = signals.received()
+        box.tag("workbench.stopped", f"interrupted ({signum.name if signum else 'Ctrl-C'})")
         raise
     except BaseException as exc:
         box.tag("workbench.error", redact(f"{type(exc).__name__}: {exc}")[:5000])
