@@ -151,7 +151,10 @@ def run(
         box.tag("workbench.error", redact(f"{type(exc).__name__}: {exc}")[:5000])
         raise
     finally:
-        _end(box, status, float(tracking_cfg.server_wait_s) if status == "FINISHED" else 0.0)
+        # A stopped or failed run waits a few seconds at most (a scheduler's grace period is short), enough
+        # for a store that is only busy, e.g. a SQLite file the launching process is writing to.
+        wait = float(tracking_cfg.server_wait_s)
+        _end(box, status, wait if status == "FINISHED" else min(wait, 5.0))
 
 
 def _end(box: Outbox, status: str, patience_s: float) -> None:
@@ -166,6 +169,9 @@ def _end(box: Outbox, status: str, patience_s: float) -> None:
             # has no other public way; ending it asks the store once more, quickly, and may fail).
             with outbox.no_retries(), contextlib.suppress(Exception):
                 mlflow.end_run(status)
+            # Once more, straight to the store: the status's own attempt may have left the run before it failed.
+            with outbox.no_retries(), contextlib.suppress(Exception):
+                MlflowClient().set_terminated(box.run_id, status)
             box.unlock()
             log.warning(
                 "The tracking store %s is away: run %s ended %s with %d items unsent, kept in %s; "
