@@ -47,7 +47,9 @@ def test_interrupted_study_reruns_only_the_remainder(workdir: Path) -> None:
     assert first[2].state in (TrialState.FAIL, TrialState.COMPLETE)
     handed_back = first[2].state == TrialState.FAIL
     if handed_back:
-        assert client.get_run(first[2].user_attrs["mlflow_run_id"]).info.status == "KILLED"
+        # KILLED; or FINISHED when the stop came after its last epoch's training, before Optuna was told.
+        status = client.get_run(first[2].user_attrs["mlflow_run_id"]).info.status
+        assert status == "KILLED" or (status == "FINISHED" and len(first[2].intermediate_values) == 3), status
         assert first[3].state == TrialState.WAITING and first[3].system_attrs["failed_trial"] == 2
     assert client.get_run(load_study(workdir).user_attrs["mlflow_parent_run_id"]).info.status == "KILLED"
     complete = [t.state for t in first].count(TrialState.COMPLETE)
