@@ -41,6 +41,7 @@ class Outbox:
         self.sent_file = folder / "sent"
         self._live: dict[int, keras.Model] = {}  # a model to log, in the process that trained it
         self._lock_fd: int | None = None
+        self._size: int | None = None  # operations in ops.jsonl, once read: only the owner appends
 
     @classmethod
     def open(cls, root: Path, run_id: str, tracking_uri: str, starting: bool = True) -> Outbox:
@@ -111,7 +112,7 @@ class Outbox:
     # Sending.
 
     def pending(self) -> int:
-        return len(self._ops()) - self._sent()
+        return self._count() - self._sent()
 
     def send(self, patience_s: float = 0.0) -> bool:
         """Send what is pending, in order; True once nothing is. While the store does not answer, try again
@@ -119,22 +120,23 @@ class Outbox:
         deadline, pause = time.monotonic() + patience_s, 1.0
         while True:
             try:
-                self._send_pending()
+                ops = self._send_pending()
                 break
             except Unreachable:
                 if time.monotonic() + pause > deadline:
                     return False
                 time.sleep(pause)
                 pause = min(pause * 2, 30.0)
-        ops = self._ops()
         if ops and ops[-1]["op"] == "status" and ops[-1]["status"] in TERMINAL:
             self.unlock()
             shutil.rmtree(self.folder, ignore_errors=True)
+            self._size = None  # nothing left to count
             with contextlib.suppress(OSError):
                 self.folder.parent.rmdir()  # the last one out: no empty outbox/ left among the checkpoints
         return True
 
-    def _send_pending(self) -> None:
+    def _send_pending(self) -> list[dict[str, Any]]:
+        """Send from the first unsent operation on; return them all."""
         from mlflow.tracking import MlflowClient
 
         ops, sent = self._ops(), self._sent()
@@ -148,6 +150,7 @@ class Outbox:
                         raise Unreachable(str(exc)) from exc
                     raise
                 _atomic_write(self.sent_file, str(index + 1))  # its files stay until the run's end is sent
+        return ops
 
     def _send_one(self, client: Any, index: int, op: dict[str, Any]) -> None:
         import mlflow
@@ -186,12 +189,18 @@ class Outbox:
 
     def _add(self, op: dict[str, Any]) -> int:
         """Append one operation (one JSON line, flushed to disk); return its index."""
-        index = len(self._ops())
+        index = self._count()
         with self.ops_file.open("a") as f:
             f.write(json.dumps(op) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        self._size = index + 1
         return index
+
+    def _count(self) -> int:
+        if self._size is None:
+            self._size = len(self._ops())
+        return self._size
 
     def _ops(self) -> list[dict[str, Any]]:
         if not self.ops_file.is_file():
@@ -209,7 +218,7 @@ class Outbox:
 
     def _keep(self, file: Path) -> str:
         """A hard link to `file` inside the outbox (a copy where links fail): the same bytes, kept until sent."""
-        target = self.folder / "files" / str(len(self._ops())) / file.name
+        target = self.folder / "files" / str(self._count()) / file.name
         target.parent.mkdir(parents=True, exist_ok=True)
         target.unlink(missing_ok=True)
         try:

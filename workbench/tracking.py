@@ -169,9 +169,6 @@ def _end(box: Outbox, status: str, patience_s: float) -> None:
             # has no other public way; ending it asks the store once more, quickly, and may fail).
             with outbox.no_retries(), contextlib.suppress(Exception):
                 mlflow.end_run(status)
-            # Once more, straight to the store: the status's own attempt may have left the run before it failed.
-            with outbox.no_retries(), contextlib.suppress(Exception):
-                MlflowClient().set_terminated(box.run_id, status)
             box.unlock()
             log.warning(
                 "The tracking store %s is away: run %s ended %s with %d items unsent, kept in %s; "
