@@ -228,6 +228,22 @@ class Outbox:
         return str(target.relative_to(self.folder))
 
 
+def end_abandoned(root: Path, run_id: str, tracking_uri: str, tags: dict[str, str]) -> bool:
+    """End KILLED, with `tags`, a run whose process died without ending it, through its outbox under `root`
+    (after whatever the dead process left unsent there). False when a live process holds the outbox: the
+    run is not abandoned after all, and its process ends it."""
+    try:
+        box = Outbox.open(root, run_id, tracking_uri, starting=False)
+    except ConfigError:
+        return False
+    for key, value in tags.items():
+        box.tag(key, value)
+    box.status("KILLED")
+    box.send()
+    box.unlock()
+    return True
+
+
 class Unreachable(Exception):
     """The tracking store did not answer (or answered that it cannot serve now): try again later."""
 

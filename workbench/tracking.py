@@ -125,14 +125,12 @@ def run(
     (under `outbox_root`), through which everything after the start reaches the store; end the run
     FINISHED, FAILED or KILLED. A training that succeeded waits up to `tracking.server_wait_s` for a server
     that is away, then leaves the rest for `workbench sync` with one line saying so."""
-    name = tracking_cfg.run_name
-    if name is None and tags and {"model", "optimizer"} <= tags.keys():  # rather than MLflow's random words
-        name = f"{tags['model']}-{tags['optimizer']}-{time.strftime('%Y%m%d-%H%M%S')}"
     active = mlflow.start_run(
         run_id=run_id,
         experiment_id=None if run_id else experiment_id,
-        run_name=None if run_id else name,
+        run_name=None if run_id else run_name(tracking_cfg, tags),
         parent_run_id=parent_run_id,
+        nested=mlflow.active_run() is not None,  # a cross-validation fold, inside its CV run
         tags=tags,
     )
     box = Outbox.open(outbox_root, active.info.run_id, mlflow.get_tracking_uri())
@@ -155,6 +153,14 @@ def run(
         # for a store that is only busy, e.g. a SQLite file the launching process is writing to.
         wait = float(tracking_cfg.server_wait_s)
         _end(box, status, wait if status == "FINISHED" else min(wait, 5.0))
+
+
+def run_name(tracking_cfg: DictConfig, tags: dict[str, str] | None) -> str | None:
+    """`tracking.run_name`, else `<model>-<optimizer>-<date>-<time>` (rather than MLflow's random words)."""
+    name = tracking_cfg.run_name
+    if name is None and tags and {"model", "optimizer"} <= tags.keys():
+        name = f"{tags['model']}-{tags['optimizer']}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return name
 
 
 def _end(box: Outbox, status: str, patience_s: float) -> None:
