@@ -45,7 +45,8 @@ def main(cfg: DictConfig) -> float | int | None:
     metrics = result.metrics
     shown = {k: metrics[k] for k in sorted(metrics) if k.startswith(("val_", "accuracy", "loss"))}
     print(f"\nRun {result.run_id} FINISHED in experiment '{cfg.tracking.experiment}'")
-    print("  " + "  ".join(f"{k}={v:.4f}" for k, v in shown.items()))
+    over = f"  (means over {cfg.trainer.cv_folds} folds: cv_*_mean, cv_*_std)" if cfg.trainer.cv_folds else ""
+    print("  " + "  ".join(f"{k}={v:.4f}" for k, v in shown.items()) + over)
     if not result.unsent:  # else the store is away, as the warning above says
         from workbench import tracking
 
@@ -68,17 +69,23 @@ def _stopped(cfg: DictConfig) -> NoReturn:
     name = signum.name if signum else "Ctrl-C"
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     kept = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] != "trainer.resume"]
+    folder = checkpoint_dir(cfg)
+    again = " ".join(["python run.py", *(shlex.quote(redact(o)) for o in kept)])
     # state.json, read as such: workbench.checkpoints would import Keras for one number.
-    state = checkpoint_dir(cfg) / "state.json"
+    state = folder / "state.json"
     done = json.loads(state.read_text())["epoch"] if state.is_file() else 0
-    if done:
-        command = " ".join(["python run.py", *(shlex.quote(redact(o)) for o in kept), "trainer.resume=true"])
-        print(
-            f"stopped by {name} after epoch {done} of {cfg.trainer.epochs}; continue with: {command}", file=sys.stderr
+    if cfg.trainer.cv_folds:
+        from workbench import cv
+
+        folds = f"{cv.folds_done(folder)} of {cfg.trainer.cv_folds} folds done"
+        message = f"stopped by {name} with {folds}; continue with: {again} trainer.resume=true"
+    elif done:
+        message = (
+            f"stopped by {name} after epoch {done} of {cfg.trainer.epochs}; continue with: {again} trainer.resume=true"
         )
     else:
-        command = " ".join(["python run.py", *(shlex.quote(redact(o)) for o in kept)])
-        print(f"stopped by {name} before the first epoch ended; start again with: {command}", file=sys.stderr)
+        message = f"stopped by {name} before the first epoch ended; start again with: {again}"
+    print(message, file=sys.stderr)
     raise SystemExit(signals.exit_status())
 
 

@@ -187,6 +187,7 @@ def validate(cfg: DictConfig) -> None:
     _one_of("trainer.distribute", trainer.distribute, STRATEGIES)
     _positive("trainer.gpus_per_job", trainer.gpus_per_job, integer=True)
     _check_freeze_epochs(trainer.freeze_epochs, trainer.epochs, model.freeze)
+    _check_cv_folds(trainer.cv_folds, cfg.data.name)
     _one_of("tracking.checkpoints", tracking.checkpoints, CHECKPOINT_UPLOADS)
     _one_of("tracking.monitor", tracking.monitor, MONITORED)
     _one_of("tracking.monitor_mode", tracking.monitor_mode, ("auto", "min", "max"))
@@ -293,6 +294,19 @@ def _check_freeze_epochs(epochs: Any, total: int, freeze: Any) -> None:
         raise ConfigError(
             f"trainer.freeze_epochs={epochs}: the backbone would never unfreeze in trainer.epochs={total}; "
             f"use fewer, or trainer.freeze_epochs=null to keep model.freeze={freeze} throughout"
+        )
+
+
+def _check_cv_folds(folds: Any, data: str) -> None:
+    """null, or k >= 2 folds of a source whose examples can be picked one by one (not streamed records)."""
+    if folds is None:
+        return
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
+        raise ConfigError(f"trainer.cv_folds={folds}: must be null (no cross-validation) or a number of folds >= 2")
+    if data == "tfrecord":
+        raise ConfigError(
+            f"trainer.cv_folds={folds}: data=tfrecord streams shards, which cannot be split into folds; "
+            "cross-validate the image folder they were built from (data=image_folder data.path=...)"
         )
 
 

@@ -12,7 +12,7 @@ import hashlib
 import logging
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -220,6 +220,38 @@ def check_batch_size(source: Source, batch_size: int) -> None:
     """Refuse a batch larger than the training set: before any store, model or pipeline exists."""
     if len(source.train) < batch_size:
         raise ConfigError(f"trainer.batch_size={batch_size}: larger than the {len(source.train)} training images")
+
+
+def folds(source: Source, k: int) -> list[Source]:
+    """k stratified folds of the training split, each a Source that trains on the other k - 1 folds and
+    validates on itself; the source's own validation split is left out, for the final check. The folds
+    come from a fixed seed (like the validation split), so every trial and rerun of a study sees the same
+    ones; ConfigError when a class has fewer than k examples."""
+    from sklearn.model_selection import StratifiedKFold
+
+    labels = source.train.labels
+    counts = np.bincount(labels, minlength=source.num_classes)
+    smallest = int(counts.argmin())
+    if counts[smallest] < k:
+        raise ConfigError(
+            f"trainer.cv_folds={k}: class {source.class_names[smallest]} has {counts[smallest]} training "
+            f"example(s), fewer than the folds; use at most {counts[smallest]} folds"
+        )
+    splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=SPLIT_SEED)
+    return [
+        replace(
+            source, name=f"{source.name}-fold-{i}", train=_subset(source.train, rest), val=_subset(source.train, held)
+        )
+        for i, (rest, held) in enumerate(splitter.split(np.zeros(len(labels)), labels), 1)
+    ]
+
+
+def _subset(split: Split, indices: np.ndarray) -> Split:
+    return Split(
+        labels=split.labels[indices],
+        images=None if split.images is None else split.images[indices],
+        files=None if split.files is None else [split.files[i] for i in indices],
+    )
 
 
 def skipped_files_text(source: Source) -> str:

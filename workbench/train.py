@@ -67,32 +67,41 @@ def train(
 ) -> Result:
     """Train the configured model, tracked in MLflow; return the run and its final epoch's metrics.
 
-    `context` says how the config was composed (none: a config built in code). `report(epoch, metrics)` is
-    called after every epoch and stops training by returning True (studies prune with it); `parent_run_id`
+    `context` says how the config was composed (none: a config built in code). `report(step, metrics)` is
+    called after every epoch (step = epoch, from 1) and stops training by returning True (studies prune
+    with it); with `trainer.cv_folds`, after every fold instead (workbench/cv.py). `parent_run_id`
     and `tags` attach the MLflow run to a study; `on_run_start(run_id)` learns the run as soon as it is open.
-    Besides the per-epoch metrics, the result holds `parameters`, the model's parameter count.
+    Besides the per-epoch metrics, the result holds `parameters`, the model's parameter count; with
+    `trainer.cv_folds`, the run is the CV run and each metric is its mean over the folds.
     """
     context = context or RunContext()
     validate(cfg)
     size = models.input_size(cfg.model)
     source = sources.load(cfg.data, size)
+    if cfg.trainer.cv_folds:
+        from workbench import cv
+
+        return cv.cross_validate(cfg, context, source, size, report, parent_run_id, tags, on_run_start)
     sources.check_batch_size(source, cfg.trainer.batch_size)
     ckpt = CheckpointDir(checkpoint_dir(cfg))
     with ckpt.in_use():  # a second run of the same config is refused here, before it writes anything
-        return _train(cfg, context, source, size, ckpt, report, parent_run_id, tags, on_run_start)
+        return train_one(cfg, context, source, size, ckpt, ckpt.path.parent, report, parent_run_id, tags, on_run_start)
 
 
-def _train(
+def train_one(
     cfg: DictConfig,
     context: RunContext,
     source: sources.Source,
     size: int,
     ckpt: CheckpointDir,
+    outbox_root: Path,
     report: ReportFn | None,
     parent_run_id: str | None,
     tags: dict[str, str] | None,
-    on_run_start: Callable[[str], None] | None,
+    on_run_start: Callable[[str], None] | None = None,
 ) -> Result:
+    """One model trained on `source` into one MLflow run, from (or on from) the epoch checkpoint in `ckpt`,
+    which the caller holds; the run's outbox goes under `outbox_root`."""
     import mlflow
 
     from workbench import tracking
@@ -115,7 +124,7 @@ def _train(
         with tracking.run(
             cfg.tracking,
             experiment_id,
-            ckpt.path.parent,
+            outbox_root,
             run_id=state.run_id,
             parent_run_id=parent_run_id,
             tags=run_tags,
@@ -123,7 +132,7 @@ def _train(
             if on_run_start is not None:
                 on_run_start(box.run_id)
             if state.run_id is None:
-                _log_config(cfg, context)
+                log_config(cfg, context)
                 tracking.log_dataset(source.name, source.uri, source.digest)
                 tracking.log_class_names(source.class_names)
                 if source.skipped:  # counted in the log by the scan; named here
@@ -139,7 +148,7 @@ def _train(
         return Result(box.run_id, metrics, unsent=box.pending() > 0)
 
 
-def _log_config(cfg: DictConfig, context: RunContext) -> None:
+def log_config(cfg: DictConfig, context: RunContext) -> None:
     """The `config/` artifacts: Hydra's own files for a Hydra job; else (a study trial, composed with the
     compose API) the resolved config and the overrides it was composed from."""
     import mlflow

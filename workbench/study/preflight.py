@@ -27,6 +27,11 @@ def preflight(spec: Spec, user: Sequence[str]) -> DictConfig:
         cfg = _compose(base, "study.base_overrides and the command line")
         validate(cfg)
         for param in spec.params:
+            if param.key == "trainer.cv_folds":
+                raise ConfigError(
+                    "study.params.trainer.cv_folds: trials are compared on the same folds; set trainer.cv_folds "
+                    "in study.base_overrides or on the command line"
+                )
             if param.key in CHOICE_GROUPS:
                 _check_group(param, base, compose.group_options(param.key))
             else:

@@ -40,7 +40,14 @@ def retrain_command(trial: FrozenTrial, spec: Spec) -> str:
     name = compose.assign("tracking.run_name", f"retrain-trial-{trial.number}-{spec.name}")
     entries = [compose.assign("reproduces_study", spec.name), compose.assign("reproduces_trial", trial.number)]
     tags = "tracking.tags={" + ", ".join(e.replace("=", ": ", 1) for e in entries) + "}"  # a Hydra dict
-    return compose.command(compose.merge(trial.user_attrs["overrides"], [name, tags]))
+    overrides = trial.user_attrs["overrides"]
+    # A cross-validated trial is retrained once on the whole training split and checked on the held-out one.
+    whole = (
+        [compose.assign("trainer.cv_folds", None)]
+        if any(compose.key_of(o) == "trainer.cv_folds" for o in overrides)
+        else []
+    )
+    return compose.command(compose.merge(overrides, [*whole, name, tags]))
 
 
 def values_text(spec: Spec, trial: FrozenTrial) -> str:

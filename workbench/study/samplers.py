@@ -1,13 +1,16 @@
 """Optuna samplers and pruners from `study.sampler` and `study.pruner`.
 
 Every key besides `name` (and the sampler's `seed`) is passed to the Optuna class, so any option Optuna
-documents works: `sampler: {name: tpe, seed: 0, n_startup_trials: 5}`. The pruners' resource is epochs.
+documents works: `sampler: {name: tpe, seed: 0, n_startup_trials: 5}`. The pruners' resource is epochs;
+with `trainer.cv_folds` it is folds, which only `wilcoxon` (Optuna's WilcoxonPruner, made for instances
+such as folds) compares.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import inspect
+import warnings
 from typing import TYPE_CHECKING, Any
 
 from workbench.config import ConfigError
@@ -33,6 +36,7 @@ PRUNER_CLASSES = {
     "percentile": "PercentilePruner",
     "successive_halving": "SuccessiveHalvingPruner",
     "hyperband": "HyperbandPruner",
+    "wilcoxon": "WilcoxonPruner",  # across the folds of trainer.cv_folds, not epochs
 }
 # Samplers whose Optuna class needs a package Optuna does not install.
 NEEDS = {"cmaes": ("cmaes", "pip install cmaes"), "gp": ("torch", "pip install torch")}
@@ -65,11 +69,28 @@ def make_pruner(spec: Spec, cfg: DictConfig) -> optuna.pruners.BasePruner:
     name = options.pop("name")
     if name == "none":  # `study.pruner.name=none` turns pruning off, whatever options the file gave
         options = {}
+    _check_resource(name, cfg.trainer.cv_folds)
     if name in ("hyperband", "successive_halving"):
         options.setdefault("min_resource", 1)  # 'auto' would wait for a finished trial to guess it
     if name == "hyperband":
         options.setdefault("max_resource", _max_epochs(spec, cfg))
-    return _construct(getattr(optuna.pruners, PRUNER_CLASSES[name]), "study.pruner", name, options)
+    with warnings.catch_warnings():  # WilcoxonPruner is "experimental" (since Optuna 3.6): said in docs/studies.md
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return _construct(getattr(optuna.pruners, PRUNER_CLASSES[name]), "study.pruner", name, options)
+
+
+def _check_resource(pruner: str, folds: int | None) -> None:
+    """Epoch pruners compare trials at the same epoch, WilcoxonPruner at the same fold: the two do not mix."""
+    if folds and pruner not in ("none", "wilcoxon"):
+        raise ConfigError(
+            f"study.pruner.name={pruner}: it prunes by epoch, and trainer.cv_folds={folds} trials report folds; "
+            "use study.pruner.name=wilcoxon (or none)"
+        )
+    if pruner == "wilcoxon" and not folds:
+        raise ConfigError(
+            "study.pruner.name=wilcoxon: it compares trials fold by fold; set trainer.cv_folds (5 or more: the "
+            "test needs 4 folds to reach p < 0.1), or choose an epoch pruner"
+        )
 
 
 def _max_epochs(spec: Spec, cfg: DictConfig) -> int:

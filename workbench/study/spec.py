@@ -16,7 +16,7 @@ from workbench.config import ConfigError, redact
 from workbench.study import space
 
 SAMPLERS = ("tpe", "random", "cmaes", "gp", "qmc", "nsga2", "grid")
-PRUNERS = ("none", "median", "percentile", "successive_halving", "hyperband")
+PRUNERS = ("none", "median", "percentile", "successive_halving", "hyperband", "wilcoxon")
 DIRECTIONS = ("maximize", "minimize")
 # What the trainer returns: the last epoch's metrics and the model's parameter count.
 METRICS = (

@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, open_dict
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 
-from workbench.config import ConfigError, redact
+from workbench.config import redact
 from workbench.study import compose, storage
 
 if TYPE_CHECKING:
@@ -93,7 +93,9 @@ class Objective:
     ) -> float | tuple[float, ...]:
         from workbench.train import train
 
-        reporter = Reporter(trial, None if self.spec.multi_objective else self.spec.metrics[0], cfg.trainer.epochs)
+        # Epochs are the steps a trial reports; with cross-validation, folds (what WilcoxonPruner compares).
+        unit, steps = ("fold", cfg.trainer.cv_folds) if cfg.trainer.cv_folds else ("epoch", cfg.trainer.epochs)
+        reporter = Reporter(trial, None if self.spec.multi_objective else self.spec.metrics[0], steps)
         started: list[str] = []
 
         def on_run_start(run_id: str) -> None:
@@ -108,10 +110,10 @@ class Objective:
             if started:
                 _finish(started[0], "FAIL")
             raise
-        if reporter.pruned_epoch is not None:
+        if reporter.pruned_step is not None:
             _finish(result.run_id, "PRUNED")
-            _name_pruned(result.run_id, cfg.tracking.run_name, reporter.pruned_epoch)
-            raise optuna.TrialPruned(f"pruned after epoch {reporter.pruned_epoch}")
+            _name_pruned(result.run_id, cfg.tracking.run_name, unit, reporter.pruned_step)
+            raise optuna.TrialPruned(f"pruned after {unit} {reporter.pruned_step}")
         _finish(result.run_id, "COMPLETE")
         values = tuple(float(result.metrics[m]) for m in self.spec.metrics)
         return values if self.spec.multi_objective else values[0]
@@ -133,19 +135,20 @@ def _compose(overrides: list[str], run_control: list[str]) -> tuple[DictConfig, 
 
 
 class Reporter:
-    """The trainer's per-epoch hook: reports the metric to the trial and stops it when the pruner says so."""
+    """The trainer's report hook: reports the metric to the trial after each step (an epoch, or a fold of a
+    cross-validation) and stops it when the pruner says so."""
 
-    def __init__(self, trial: optuna.Trial, metric: str | None, epochs: int):
-        self.trial, self.metric, self.epochs = trial, metric, epochs
-        self.pruned_epoch: int | None = None
+    def __init__(self, trial: optuna.Trial, metric: str | None, steps: int):
+        self.trial, self.metric, self.steps = trial, metric, steps
+        self.pruned_step: int | None = None
 
-    def __call__(self, epoch: int, metrics: dict[str, float]) -> bool:
+    def __call__(self, step: int, metrics: dict[str, float]) -> bool:
         if self.metric is None or self.metric not in metrics:
             return False
-        self.trial.report(metrics[self.metric], epoch)
-        # After the last epoch there is nothing left to save: the trial completes, its value counts.
-        if epoch < self.epochs and self.trial.should_prune():
-            self.pruned_epoch = epoch
+        self.trial.report(metrics[self.metric], step)
+        # After the last step there is nothing left to save: the trial completes, its value counts.
+        if step < self.steps and self.trial.should_prune():
+            self.pruned_step = step
             return True
         return False
 
@@ -163,29 +166,29 @@ def _end_dead_run(trial: optuna.Trial, directory: Path) -> None:
     its outbox (beside `directory`), after whatever the dead worker left unsent there."""
     import mlflow
 
-    from workbench.outbox import Outbox
+    from workbench.outbox import end_abandoned
 
     run_id = trial.user_attrs.get("mlflow_run_id")
-    if not run_id:
-        return
-    try:
-        box = Outbox.open(directory.parent, run_id, mlflow.get_tracking_uri(), starting=False)
-    except ConfigError:  # its worker holds it: alive after all, only late with its heartbeat; it ends its run
+    tags = {"state": "FAIL", "workbench.stopped": f"worker died; retried as trial {trial.number}"}
+    if run_id and not end_abandoned(directory.parent, run_id, mlflow.get_tracking_uri(), tags):
+        # Its worker holds it: alive after all, only late with its heartbeat; it ends its run.
         log.warning("Trial %d: its earlier attempt's run %s is still in use, left to it", trial.number, run_id)
-        return
-    box.tag("state", "FAIL")
-    box.tag("workbench.stopped", f"worker died; retried as trial {trial.number}")
-    box.status("KILLED")
-    box.send()
-    box.unlock()
 
 
 def _take_over_checkpoint(number: int, attempts: list[int], study_name: str, directory: Path, epochs: int) -> None:
     """Move the latest dead attempt's epoch checkpoint here, for the trainer to go on from."""
+    import mlflow
+
+    from workbench import cv
     from workbench.checkpoints import CheckpointDir
 
     for attempt in reversed(attempts):
         source = CheckpointDir(checkpoint_dir(study_name, attempt))
+        if cv.is_cv_folder(source.path):
+            why = f"worker died; retried as trial {number}"
+            done = cv.take_over(source.path, directory, mlflow.get_tracking_uri(), why)
+            log.info("Trial %d continues trial %d after %d folds", number, attempt, done)
+            return
         if not source.exists():
             continue
         state = source.read_state()
@@ -206,9 +209,9 @@ def _finish(run_id: str, state: str) -> None:
     MlflowClient().set_tag(run_id, "state", state)
 
 
-def _name_pruned(run_id: str, run_name: str, epoch: int) -> None:
+def _name_pruned(run_id: str, run_name: str, unit: str, step: int) -> None:
     """A pruned trial's run ends FINISHED, as a complete one's does: its name, which the runs table always
-    shows, says it was pruned (`trial-3-<study> (pruned at epoch 2)`)."""
+    shows, says it was pruned (`trial-3-<study> (pruned at epoch 2)`; `... (pruned at fold 4)`)."""
     client = MlflowClient()
-    client.set_tag(run_id, "pruned_epoch", str(epoch))
-    client.set_tag(run_id, "mlflow.runName", f"{run_name} (pruned at epoch {epoch})")
+    client.set_tag(run_id, f"pruned_{unit}", str(step))
+    client.set_tag(run_id, "mlflow.runName", f"{run_name} (pruned at {unit} {step})")
