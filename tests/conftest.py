@@ -61,6 +61,7 @@ SLOW_FIRST = (
     "test_own_images",
     "test_slurm",
     "test_finetune",
+    "test_cv",
     "test_trainer",
     "test_run",
     "test_resume",

@@ -47,6 +47,8 @@ BAD_VALUES = [
     (["tracking.monitor_mode=up"], "tracking.monitor_mode", "auto, min, max"),
     (["model.freeze=-1"], "model.freeze", "none, backbone"),
     (["model.freeze=backbone"], "model.freeze", "model.weights is null"),
+    (["trainer.cv_folds=1"], "trainer.cv_folds", "a number of folds >= 2"),
+    (["data=tfrecord", "data.path=.", "trainer.cv_folds=3"], "trainer.cv_folds", "cannot be split into folds"),
 ]
 
 
@@ -352,3 +354,13 @@ def test_bad_image_folder(workdir: Path, make, allowed: str) -> None:
     line, _ = refuse(["data=image_folder", f"data.path={root}"], workdir, writes_nothing=False)
     assert str(offending) in line, line
     assert allowed in line, line
+
+
+def test_more_folds_than_a_class_has_images_is_refused(workdir: Path) -> None:
+    root = workdir / "images"
+    for split, label, count in (("train", "cat", 4), ("train", "dog", 2), ("val", "cat", 1), ("val", "dog", 1)):
+        for i in range(count):
+            write_png(root / split / label / f"{i}.png")
+    args = ["data=image_folder", f"data.path={root}", "trainer.cv_folds=3"]
+    line, _ = refuse(args, workdir, writes_nothing=False)
+    assert line.startswith("error: trainer.cv_folds=3: class dog has 2 training"), line

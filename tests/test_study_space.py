@@ -52,6 +52,17 @@ INVALID = [
     ),
     pytest.param([STUDY, "model=resnet50,small_cnn"], "a study searches with study.params", id="sweep-override"),
     pytest.param([STUDY, "study.metric=val_acc"], "study.metric=val_acc: not one of", id="unknown-metric"),
+    pytest.param(
+        [STUDY, "trainer.cv_folds=5"],
+        "study.pruner.name=hyperband: it prunes by epoch, and trainer.cv_folds=5 trials report folds",
+        id="cv-with-epoch-pruner",
+    ),
+    pytest.param([STUDY, "study.pruner.name=wilcoxon"], "set trainer.cv_folds", id="wilcoxon-without-folds"),
+    pytest.param(
+        [STUDY, "study.pruner.name=none", "++study.params={trainer.cv_folds:{type:categorical,choices:[3,5]}}"],
+        "study.params.trainer.cv_folds: trials are compared on the same folds",
+        id="searching-cv-folds",
+    ),
 ]
 
 
