@@ -3,15 +3,37 @@ study that prunes across folds with Optuna's WilcoxonPruner."""
 
 from __future__ import annotations
 
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from helpers import STUDY, TINY, compose_config, load_study, multirun, tracking_uri
+from helpers import (
+    ROOT,
+    STUDY,
+    TINY,
+    cli_env,
+    compose_config,
+    load_study,
+    metric_steps,
+    multirun,
+    run_cli,
+    tracking_uri,
+)
 from workbench import sources
 from workbench.config import ConfigError
 from workbench.train import train
+
+# Folds of a few seconds: long enough to stop one midway.
+CV_ARGS = ["trainer.epochs=2", "trainer.steps_per_epoch=20", "trainer.batch_size=16", "model.input_size=16",
+           "trainer.validation_steps=3", "tracking.log_model=false"]  # fmt: skip
 
 
 def test_folds_are_stratified_disjoint_and_cover_the_training_split() -> None:
@@ -101,3 +123,37 @@ def test_a_cv_study_prunes_a_far_off_learning_rate_across_folds(workdir) -> None
     assert run.data.tags["pruned_fold"] == "4" and run.info.run_name.endswith("(pruned at fold 4)")
     folds = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
     assert len(folds) == 4, "the fifth fold was never trained"
+
+
+def test_a_stopped_cv_run_resumes_without_training_finished_folds_again(workdir: Path) -> None:
+    args = [*CV_ARGS, "trainer.cv_folds=3"]
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "run.py"), *args], cwd=workdir, env=cli_env(), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        progress = list(workdir.glob("checkpoints/*/cv.json"))
+        if progress and "1" in json.loads(progress[0].read_text())["folds"]:
+            proc.send_signal(signal.SIGTERM)  # during fold 2
+            break
+        time.sleep(0.02)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0, f"the run ended before it could be stopped:\n{out}"
+    assert "continue with:" in out and "trainer.resume=true" in out, out[-2000:]
+
+    resumed = run_cli([*args, "trainer.resume=true"], cwd=workdir, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    client = MlflowClient(tracking_uri(workdir))
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    (parent,) = [r for r in runs if r.data.tags.get("workbench.kind") == "cv"]
+    children = sorted((r for r in runs if r.data.tags.get("workbench.kind") == "cv_fold"), key=_fold)
+    assert [_fold(c) for c in children] == [1, 2, 3], "each fold has one run, the stopped one continued"
+    assert all(c.info.status == "FINISHED" for c in [parent, *children])
+    for child in children:  # every epoch once: fold 1 was not trained again, fold 2 went on from its checkpoint
+        assert metric_steps(client, child.info.run_id, "val_accuracy") == [1, 2]
+    assert metric_steps(client, parent.info.run_id, "fold_val_accuracy") == [1, 2, 3]
+
+
+def _fold(run) -> int:
+    return int(run.data.tags["cv_fold"])
