@@ -31,8 +31,8 @@ from workbench import sources
 from workbench.config import ConfigError
 from workbench.train import train
 
-# Folds of a few seconds: long enough to stop one midway.
-CV_ARGS = ["trainer.epochs=2", "trainer.steps_per_epoch=20", "trainer.batch_size=16", "model.input_size=16",
+# Folds of a few seconds: long enough to stop one midway, whatever the machine's load.
+CV_ARGS = ["trainer.epochs=3", "trainer.steps_per_epoch=20", "trainer.batch_size=16", "model.input_size=16",
            "trainer.validation_steps=3", "tracking.log_model=false"]  # fmt: skip
 
 
@@ -151,9 +151,44 @@ def test_a_stopped_cv_run_resumes_without_training_finished_folds_again(workdir:
     assert [_fold(c) for c in children] == [1, 2, 3], "each fold has one run, the stopped one continued"
     assert all(c.info.status == "FINISHED" for c in [parent, *children])
     for child in children:  # every epoch once: fold 1 was not trained again, fold 2 went on from its checkpoint
-        assert metric_steps(client, child.info.run_id, "val_accuracy") == [1, 2]
+        assert metric_steps(client, child.info.run_id, "val_accuracy") == [1, 2, 3]
     assert metric_steps(client, parent.info.run_id, "fold_val_accuracy") == [1, 2, 3]
 
 
 def _fold(run) -> int:
     return int(run.data.tags["cv_fold"])
+
+
+def test_a_dead_workers_cv_trial_is_retried_without_training_finished_folds_again(workdir: Path) -> None:
+    args = [f"study={STUDY}", "study.n_trials=1", "study.pruner.name=none", "trainer.cv_folds=3", *CV_ARGS]
+    command = [sys.executable, str(ROOT / "run.py"), "--multirun", *args]
+    process = subprocess.Popen(command, cwd=workdir, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    fold_2 = workdir / "checkpoints" / STUDY / "trial-0" / "fold-2" / "state.json"
+    deadline = time.monotonic() + 300
+    while not (fold_2.is_file() and json.loads(fold_2.read_text())["epoch"] >= 1):
+        assert process.poll() is None, process.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "fold 2 did not reach its first checkpoint in 300 s"
+        time.sleep(0.02)
+    process.kill()  # after fold 2's first epoch: no Python code runs, the trial and its runs stay RUNNING
+    process.wait()
+    checkpointed = json.loads(fold_2.read_text())["epoch"]
+    assert checkpointed < 3, "killed too late: fold 2 had trained all its epochs"
+
+    result = multirun(args, workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    dead, retry = load_study(workdir).get_trials()
+    assert (dead.state, retry.state) == (TrialState.FAIL, TrialState.COMPLETE)
+    assert sorted(retry.intermediate_values) == [1, 2, 3]
+    client = MlflowClient(tracking_uri(workdir))
+    assert client.get_run(dead.user_attrs["mlflow_run_id"]).info.status == "KILLED"
+    runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()], "tags.`workbench.kind` = 'cv_fold'"
+    )
+    by_fold = {fold: [r for r in runs if _fold(r) == fold] for fold in (1, 2, 3)}
+    assert [len(by_fold[fold]) for fold in (1, 2, 3)] == [1, 2, 1], "fold 1 trained once; fold 2 went on in a new run"
+    killed, went_on = sorted(by_fold[2], key=lambda r: r.info.status != "KILLED")
+    assert (killed.info.status, went_on.info.status) == ("KILLED", "FINISHED")
+    assert metric_steps(client, went_on.info.run_id, "val_accuracy") == list(range(checkpointed + 1, 4))
+    assert metric_steps(client, by_fold[1][0].info.run_id, "val_accuracy") == [1, 2, 3]
+    retry_run = client.get_run(retry.user_attrs["mlflow_run_id"])
+    assert metric_steps(client, retry_run.info.run_id, "fold_val_accuracy") == [1, 2, 3]
