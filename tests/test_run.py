@@ -66,6 +66,11 @@ def test_default_job_learns_digits_and_records_everything(workdir: Path) -> None
     for key in EPOCH_METRICS:
         assert [m.step for m in client.get_metric_history(run_id, key)] == list(range(1, 11)), key
     assert run.data.metrics["parameters"] > 0
+    # System metrics, on by default, every 10 s and once at the end (this machine has no GPU).
+    for key in ("system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"):
+        steps = [m.step for m in client.get_metric_history(run_id, key)]
+        assert len(steps) >= 2 and steps == sorted(steps), (key, steps)
+    assert not [key for key in run.data.metrics if key.startswith("system/gpu")]
 
     artifacts = _artifacts(client, run_id)
     assert {

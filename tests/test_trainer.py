@@ -41,6 +41,19 @@ def test_every_option_trains(workdir: Path, overrides: list[str]) -> None:
     assert ("top5_accuracy" in metrics) == (classes > 5) == ("val_top5_accuracy" in metrics)
 
 
+def test_system_metrics_are_sampled_while_a_run_trains_and_can_be_switched_off(workdir: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    sampled = train(compose_config([*QUIET, "tracking.system_metrics_interval_s=0.2"])).run_id
+    off = train(compose_config([*QUIET, "tracking.system_metrics=false"])).run_id
+    client = MlflowClient()
+    history = client.get_metric_history(sampled, "system/cpu_utilization_percentage")
+    assert len(history) >= 2 and all(0 <= m.value <= 100 for m in history)
+    memory = client.get_metric_history(sampled, "system/system_memory_usage_megabytes")
+    assert memory and all(m.value > 0 for m in memory)
+    assert not [key for key in client.get_run(off).data.metrics if key.startswith("system/")]
+
+
 def test_precision_policy_does_not_leak_into_the_next_run(workdir: Path) -> None:
     train(compose_config([*QUIET, "trainer.mixed_precision=float16"]))
     assert keras.mixed_precision.global_policy().name == "float32"

@@ -192,6 +192,7 @@ def validate(cfg: DictConfig) -> None:
     _one_of("tracking.monitor", tracking.monitor, MONITORED)
     _one_of("tracking.monitor_mode", tracking.monitor_mode, ("auto", "min", "max"))
     _in_range("tracking.server_wait_s", tracking.server_wait_s, 0.0, math.inf, ">= 0 seconds")
+    _positive("tracking.system_metrics_interval_s", tracking.system_metrics_interval_s)
     _check_tracking_uri(tracking.uri)
 
 

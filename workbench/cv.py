@@ -87,7 +87,8 @@ def cross_validate(
         )
         progress.name = progress.name or tracking.run_name(cfg.tracking, run_tags) or "cv"
         with tracking.run(
-            cast(DictConfig, OmegaConf.merge(cfg.tracking, {"run_name": progress.name})),
+            # The folds' runs sample the system metrics; the CV run, which waits on them, need not.
+            cast(DictConfig, OmegaConf.merge(cfg.tracking, {"run_name": progress.name, "system_metrics": False})),
             experiment_id,
             root.path.parent,
             run_id=progress.run_id,

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,6 +43,7 @@ class Outbox:
         self._live: dict[int, keras.Model] = {}  # a model to log, in the process that trained it
         self._lock_fd: int | None = None
         self._size: int | None = None  # operations in ops.jsonl, once read: only the owner appends
+        self._mutex = threading.RLock()  # the owner's threads: training and system metrics (system_metrics.py)
 
     @classmethod
     def open(cls, root: Path, run_id: str, tracking_uri: str, starting: bool = True) -> Outbox:
@@ -117,6 +119,10 @@ class Outbox:
     def send(self, patience_s: float = 0.0) -> bool:
         """Send what is pending, in order; True once nothing is. While the store does not answer, try again
         for up to `patience_s` seconds. An outbox whose run has ended is removed once it is sent."""
+        with self._mutex:
+            return self._send(patience_s)
+
+    def _send(self, patience_s: float) -> bool:
         deadline, pause = time.monotonic() + patience_s, 1.0
         while True:
             try:
@@ -189,13 +195,14 @@ class Outbox:
 
     def _add(self, op: dict[str, Any]) -> int:
         """Append one operation (one JSON line, flushed to disk); return its index."""
-        index = self._count()
-        with self.ops_file.open("a") as f:
-            f.write(json.dumps(op) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        self._size = index + 1
-        return index
+        with self._mutex:
+            index = self._count()
+            with self.ops_file.open("a") as f:
+                f.write(json.dumps(op) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            self._size = index + 1
+            return index
 
     def _count(self) -> int:
         if self._size is None:

@@ -19,7 +19,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
-from workbench import outbox, signals
+from workbench import outbox, signals, system_metrics
 from workbench.config import (
     RUN_CONTROL_KEYS,
     ConfigError,
@@ -137,8 +137,8 @@ def run(
     status = "FAILED"
     try:
         box.send()  # what an earlier attempt of this run left unsent goes first
-        with signals.stop_on_signals():  # inside a study worker's: the worker's scope stays in charge
-            yield box
+        with signals.stop_on_signals(), _system_metrics(tracking_cfg, box, active.info.start_time):
+            yield box  # signals: inside a study worker's scope, the worker's stays in charge
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -153,6 +153,13 @@ def run(
         # for a store that is only busy, e.g. a SQLite file the launching process is writing to.
         wait = float(tracking_cfg.server_wait_s)
         _end(box, status, wait if status == "FINISHED" else min(wait, 5.0))
+
+
+def _system_metrics(tracking_cfg: DictConfig, box: Outbox, started_ms: int) -> contextlib.AbstractContextManager:
+    if not tracking_cfg.system_metrics:
+        return contextlib.nullcontext()
+    interval = float(tracking_cfg.system_metrics_interval_s)
+    return system_metrics.sampling(box, interval, started_ms, os.environ.get("CUDA_VISIBLE_DEVICES"))
 
 
 def run_name(tracking_cfg: DictConfig, tags: dict[str, str] | None) -> str | None:
