@@ -75,7 +75,8 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from workbench import tracking
 time.sleep(max(0.0, float(sys.argv[2]) - time.time()))  # all start together: the race is the point
-cfg = OmegaConf.create({"uri": sys.argv[1], "experiment": "fresh", "run_name": None, "server_wait_s": 0})
+overrides = {"uri": sys.argv[1], "experiment": "fresh", "server_wait_s": 0, "system_metrics": False}
+cfg = OmegaConf.merge(OmegaConf.load(sys.argv[3]), overrides)
 with tracking.run(cfg, tracking.configure(cfg), Path("checkpoints")):
     tracking.log_dataset("digits", "sklearn.datasets.load_digits", "9b4db4a52cd4")
 """
@@ -87,7 +88,7 @@ def test_parallel_jobs_that_create_the_experiment_all_log_into_it(mlflow_server:
     start = time.time() + 8
     jobs = [
         subprocess.Popen(
-            [sys.executable, "-c", RACE, mlflow_server.url, str(start)],
+            [sys.executable, "-c", RACE, mlflow_server.url, str(start), str(ROOT / "conf/tracking/default.yaml")],
             env=cli_env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

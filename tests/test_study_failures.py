@@ -1,11 +1,14 @@
-"""Studies whose trials fail (an exception, a diverging loss) and a multi-objective study."""
+"""Studies whose trials fail, each by its cause (invalid, out of memory, diverged), and a multi-objective study."""
 
 from __future__ import annotations
 
+import resource
 from pathlib import Path
 
 import optuna
+import pytest
 from mlflow.tracking import MlflowClient
+from optuna.storages import RetryFailedTrialCallback
 from optuna.trial import TrialState
 
 from helpers import (
@@ -13,9 +16,12 @@ from helpers import (
     STUDY,
     load_study,
     multirun,
+    run_cli,
     tracking_uri,
     workbench_cli,
 )
+from workbench.config import ConfigError
+from workbench.study import causes
 
 
 def states(study: optuna.Study) -> list[TrialState]:
@@ -25,11 +31,13 @@ def states(study: optuna.Study) -> list[TrialState]:
 # --- failures and multi-objective -------------------------------------------------------------------
 
 
-def test_a_trial_that_raises_does_not_stop_the_study(workdir: Path) -> None:
-    # A batch larger than the 1,437 training images makes the trainer raise for half the draws.
+def test_a_trial_whose_parameters_make_no_valid_config_fails_as_invalid_without_counting(workdir: Path) -> None:
+    # A batch larger than the 1,437 training images is refused for half the draws: `invalid`, which does
+    # not count toward max_failures, so one allowed failure does not stop the study.
     args = [
         f"study={STUDY}",
         "study.n_trials=2",
+        "study.max_failures=1",
         "study.params={trainer.batch_size:{choices:[16,4096]}}",
         "trainer.epochs=2",
         *SMALL,
@@ -40,8 +48,76 @@ def test_a_trial_that_raises_does_not_stop_the_study(workdir: Path) -> None:
     failed = [t for t in trials if t.state == TrialState.FAIL]
     assert [t.state for t in trials].count(TrialState.COMPLETE) == 2 and failed
     for trial in failed:
-        assert trial.params["trainer.batch_size"] == 4096
+        assert trial.params["trainer.batch_size"] == 4096 and trial.user_attrs["failure"] == "invalid"
         assert "larger than the 1437 training images" in trial.user_attrs["error"]
+    status = workbench_cli(["study", "status", STUDY], workdir)
+    assert f"failed       {len(failed)}  (invalid {len(failed)})" in status.stdout, status.stdout
+
+
+def test_an_out_of_memory_trial_fails_as_oom_is_not_retried_and_the_study_goes_on(workdir: Path) -> None:
+    # Under an 8 GiB address-space limit, 200,000 synthetic 128-pixel images (9.8 GB) cannot be held.
+    args = [
+        f"study={STUDY}",
+        "study.n_trials=2",
+        "study.sampler.name=grid",
+        "study.pruner.name=none",
+        "data=synthetic",
+        # A grid of two points: every parameter but the number of images has one value.
+        "++study.params={data.num_examples:{type:categorical,choices:[64,200000]},optimizer.learning_rate:"
+        "{low:0.001,high:0.01,log:false,step:1.0},trainer.batch_size:{choices:[16]},schedule.decay_factor:"
+        "{step:1.0},model.dropout:{step:1.0}}",
+        "trainer.epochs=1",
+        *SMALL,
+        "model.input_size=128",
+    ]
+    limit = 8 * 2**30
+    result = run_cli(
+        ["--multirun", *args], cwd=workdir, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    trials = load_study(workdir).get_trials()
+    # The grid, exhausted with one point failed, asks for it again: a new trial, not a retry of the first.
+    assert all(RetryFailedTrialCallback.retried_trial_number(t) is None for t in trials)
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert failed and all(t.params["data.num_examples"] == 200000 for t in failed)
+    assert all(t.user_attrs["failure"] == "oom" and "MemoryError" in t.user_attrs["error"] for t in failed)
+    assert [t.state for t in trials].count(TrialState.COMPLETE) == 2, "the study goes on"
+    status = workbench_cli(["study", "status", STUDY], workdir)
+    assert f"failed       {len(failed)}  (oom {len(failed)})" in status.stdout, status.stdout
+
+
+@pytest.mark.parametrize(
+    ("exc", "cause"),
+    [
+        (KeyboardInterrupt(), "preempted"),
+        (MemoryError(), "oom"),
+        (RuntimeError("CUDA_ERROR_OUT_OF_MEMORY: out of memory"), "oom"),
+        (RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 8589934592 bytes."), "oom"),
+        (FloatingPointError("x"), "error"),
+        (ConfigError("model.input_size=31: must be at least 32"), "invalid"),
+        (ValueError("something else"), "error"),
+    ],
+    ids=lambda v: type(v).__name__ if isinstance(v, BaseException) else v,
+)
+def test_each_exception_has_its_cause(exc: BaseException, cause: str) -> None:
+    assert causes.of(exc) == cause
+
+
+def test_tensorflows_own_errors_have_their_causes() -> None:
+    import tensorflow as tf
+
+    from workbench.callbacks import Diverged
+
+    exhausted = tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor with shape[64,1024]")
+    assert causes.of(exhausted) == "oom"
+    assert causes.of(Diverged("training loss became nan in epoch 1")) == "diverged"
+    try:
+        try:
+            raise exhausted
+        except tf.errors.ResourceExhaustedError as inner:
+            raise RuntimeError("the fit failed") from inner
+    except RuntimeError as outer:
+        assert causes.of(outer) == "oom", "the cause is found down the chain"
 
 
 def test_diverging_trials_fail_with_the_reason_and_stop_the_study(workdir: Path) -> None:
@@ -61,8 +137,10 @@ def test_diverging_trials_fail_with_the_reason_and_stop_the_study(workdir: Path)
     client = MlflowClient(tracking_uri(workdir))
     for trial in study.get_trials():
         assert trial.user_attrs["error"].startswith("Diverged: training loss became nan")
+        assert trial.user_attrs["failure"] == "diverged"
         run = client.get_run(trial.user_attrs["mlflow_run_id"])
         assert run.info.status == "FAILED" and run.data.tags["state"] == "FAIL"
+        assert run.data.tags["workbench.failure"] == "diverged"
         assert run.data.tags["workbench.error"].startswith("Diverged")
     assert client.get_run(study.user_attrs["mlflow_parent_run_id"]).info.status == "FAILED"
 

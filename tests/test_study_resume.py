@@ -24,6 +24,7 @@ from helpers import (
     tracking_uri,
     trials_so_far,
 )
+from workbench.study import causes
 
 # --- budget, resume and workers ---------------------------------------------------------------------
 
@@ -50,6 +51,8 @@ def test_interrupted_study_reruns_only_the_remainder(workdir: Path) -> None:
         # KILLED; or FINISHED when the stop came after its last epoch's training, before Optuna was told.
         status = client.get_run(first[2].user_attrs["mlflow_run_id"]).info.status
         assert status == "KILLED" or (status == "FINISHED" and len(first[2].intermediate_values) == 3), status
+        assert first[2].user_attrs["failure"] == "preempted"
+        assert client.get_run(first[2].user_attrs["mlflow_run_id"]).data.tags["workbench.failure"] == "preempted"
         assert first[3].state == TrialState.WAITING and first[3].system_attrs["failed_trial"] == 2
     assert client.get_run(load_study(workdir).user_attrs["mlflow_parent_run_id"]).info.status == "KILLED"
     complete = [t.state for t in first].count(TrialState.COMPLETE)
@@ -127,6 +130,8 @@ def test_a_dead_workers_trial_is_retried_from_its_last_checkpoint(workdir: Path)
     client = MlflowClient(tracking_uri(workdir))
     dead_run = client.get_run(dead.user_attrs["mlflow_run_id"])
     assert dead_run.info.status == "KILLED" and dead_run.data.tags["state"] == "FAIL"
+    assert causes.of_trial(dead) == "lost" and dead_run.data.tags["workbench.failure"] == "lost"
+    assert retry.user_attrs.get("failure") is None, "the retry does not inherit the cause"
     assert not list(workdir.rglob("outbox")), "the dead run's outbox, ended by the retry, is gone"
     retry_run = client.get_run(retry.user_attrs["mlflow_run_id"])
     assert retry_run.data.tags["retry_of"] == "0"

@@ -150,8 +150,9 @@ def status(study: optuna.Study, spec: Spec, args: argparse.Namespace) -> None:
     budget = f" of {spec.budget}" if spec.budget else ""
     print(f"Study {spec.name} ({objective}) in {redact(spec.storage)}")
     print(f"  trials   {counts.finished}{budget} finished")
+    failed = ", ".join(f"{cause} {n}" for cause, n in tally.by_cause(trials).items())
     for state in ("complete", "pruned", "failed", "running", "waiting"):
-        print(f"    {state:<9}{getattr(counts, state):>5}")
+        print(f"    {state:<9}{getattr(counts, state):>5}" + (f"  ({failed})" if state == "failed" and failed else ""))
     print(f"  elapsed  {_elapsed(trials)}")
     print("\n".join(report.best_lines(study, spec)))
 

@@ -186,6 +186,7 @@ def _end_run(trial: optuna.trial.FrozenTrial) -> None:
     try:
         if client.get_run(run_id).info.status == "RUNNING":
             client.set_tag(run_id, "state", "FAIL")
+            client.set_tag(run_id, "workbench.failure", "lost")
             client.set_tag(run_id, "workbench.stopped", f"worker {trial.user_attrs['worker']['pid']} died")
             client.set_terminated(run_id, "KILLED")
     except MlflowException as exc:  # a run in another store, or the store away: the retry ends it

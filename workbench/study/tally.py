@@ -8,9 +8,12 @@ or an enqueued trial, not yet started). So rerunning a study runs only what is l
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from workbench.study import causes
 
 if TYPE_CHECKING:
     import optuna
@@ -61,10 +64,23 @@ def best(spec: Spec, trials: Iterable[optuna.trial.FrozenTrial]) -> optuna.trial
 
 
 def failures(trials: Iterable[optuna.trial.FrozenTrial], launch_id: str) -> int:
-    """Failed trials of this launch (an earlier launch's failures do not stop a rerun)."""
+    """Failed trials of this launch (an earlier launch's failures do not stop a rerun), but not those whose
+    parameters made no valid config: a search space may hold some, and they cost no training."""
     from optuna.trial import TrialState
 
-    return sum(1 for t in trials if t.state == TrialState.FAIL and t.user_attrs.get("launch_id") == launch_id)
+    return sum(
+        1
+        for t in trials
+        if t.state == TrialState.FAIL and t.user_attrs.get("launch_id") == launch_id and causes.of_trial(t) != "invalid"
+    )
+
+
+def by_cause(trials: Iterable[optuna.trial.FrozenTrial]) -> dict[str, int]:
+    """FAIL trials by cause (causes.py), most frequent first."""
+    from optuna.trial import TrialState
+
+    found = Counter(causes.of_trial(t) for t in trials if t.state == TrialState.FAIL)
+    return dict(found.most_common())
 
 
 def stop_reason(study: optuna.Study, spec: Spec, launch_id: str, deadline: float | None) -> str | None:

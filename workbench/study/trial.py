@@ -1,9 +1,9 @@
 """One trial: its config composed through Hydra, trained by the shared trainer, reported every epoch.
 
 The MLflow child run, named `trial-<n>-<study>` (`... (pruned at epoch <e>)` once pruned), gets the tags
-`study`, `trial_number`, `state` (RUNNING, then COMPLETE, PRUNED or FAIL) and `pruned_epoch`; the Optuna
-trial gets the user attributes `mlflow_run_id` and `overrides` (what `workbench study best` prints), and
-`error` when it failed.
+`study`, `trial_number`, `state` (RUNNING, then COMPLETE, PRUNED or FAIL), `pruned_epoch` and, with a FAIL,
+`workbench.failure` (causes.py); the Optuna trial gets the user attributes `mlflow_run_id` and `overrides`
+(what `workbench study best` prints), and `error` and `failure` when it failed.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from omegaconf import DictConfig, open_dict
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 
 from workbench.config import redact
-from workbench.study import compose, storage
+from workbench.study import causes, compose, storage
 
 if TYPE_CHECKING:
     from workbench.study.lock import Lock
@@ -60,6 +60,7 @@ class Objective:
             raise
         except BaseException as exc:
             trial.set_user_attr("error", redact(f"{type(exc).__name__}: {exc}")[:1000])
+            trial.set_user_attr("failure", causes.of(exc))
             if not isinstance(exc, KeyboardInterrupt):  # a stopped trial goes back to the study: keep it
                 shutil.rmtree(directory, ignore_errors=True)
             raise
@@ -85,6 +86,7 @@ class Objective:
         if attempts:
             tags["retry_of"] = str(attempts[0])
             _end_dead_run(trial, directory)
+            trial.set_user_attr("failure", None)  # the dead attempt's, inherited with its other attributes
             _take_over_checkpoint(trial.number, attempts, self.spec.name, directory, cfg.trainer.epochs)
         return self._train(trial, cfg, context, tags)
 
@@ -106,9 +108,9 @@ class Objective:
             result = train(
                 cfg, context, report=reporter, parent_run_id=self.parent_run_id, tags=tags, on_run_start=on_run_start
             )
-        except BaseException:
+        except BaseException as exc:
             if started:
-                _finish(started[0], "FAIL")
+                _finish(started[0], "FAIL", causes.of(exc))
             raise
         if reporter.pruned_step is not None:
             _finish(result.run_id, "PRUNED")
@@ -169,7 +171,8 @@ def _end_dead_run(trial: optuna.Trial, directory: Path) -> None:
     from workbench.outbox import end_abandoned
 
     run_id = trial.user_attrs.get("mlflow_run_id")
-    tags = {"state": "FAIL", "workbench.stopped": f"worker died; retried as trial {trial.number}"}
+    why = f"worker died; retried as trial {trial.number}"
+    tags = {"state": "FAIL", "workbench.stopped": why, "workbench.failure": trial.user_attrs.get("failure") or "lost"}
     if run_id and not end_abandoned(directory.parent, run_id, mlflow.get_tracking_uri(), tags):
         # Its worker holds it: alive after all, only late with its heartbeat; it ends its run.
         log.warning("Trial %d: its earlier attempt's run %s is still in use, left to it", trial.number, run_id)
@@ -204,9 +207,12 @@ def _take_over_checkpoint(number: int, attempts: list[int], study_name: str, dir
         return
 
 
-def _finish(run_id: str, state: str) -> None:
-    """Tag the trial's run with its final state."""
-    MlflowClient().set_tag(run_id, "state", state)
+def _finish(run_id: str, state: str, failure: str | None = None) -> None:
+    """Tag the trial's run with its final state (and with a FAIL, its cause)."""
+    client = MlflowClient()
+    client.set_tag(run_id, "state", state)
+    if failure is not None:
+        client.set_tag(run_id, "workbench.failure", failure)
 
 
 def _name_pruned(run_id: str, run_name: str, unit: str, step: int) -> None:
