@@ -7,10 +7,11 @@
     workbench data build ~/flowers ~/flowers-records  # an image folder as sharded TFRecords (data=tfrecord)
     workbench eval <run id> [data=... data.path=...] [--crops 10]   # top-1/top-5, per class, confusion matrix
     workbench sync [checkpoints]                      # send what runs kept while the tracking server was away
+    workbench models --input-size 128 --classes 5     # each architecture's parameters, GMACs and memory
 
 The study file (studies/<name>.yaml) names the storage and the Optuna study; `--storage URL` or any
-`study.<key>=<value>` override given at launch (e.g. study.name=...) points elsewhere. Only `predict`
-and `eval` load TensorFlow.
+`study.<key>=<value>` override given at launch (e.g. study.name=...) points elsewhere. Only `predict`,
+`eval` and `models` load TensorFlow.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         return evaluate(args)
     if args.topic == "sync":
         return sync(args)
+    if args.topic == "models":
+        return models(args)
     try:
         spec, study = _load(args.name, args.storage, args.overrides)
     except ConfigError as exc:
@@ -115,6 +118,18 @@ def _parser() -> argparse.ArgumentParser:
         "paths", nargs="*", default=["checkpoints"], help="outbox folders, or folders holding them (checkpoints)"
     )
     command.add_argument("--tracking-uri", help="the MLflow store, instead of the one each run was logged to")
+
+    text = "each architecture's parameters, multiply-accumulates and memory at an input size, to choose one"
+    command = topics.add_parser("models", help=text, description=text)
+    command.add_argument("names", nargs="*", help="architectures of the model group (default: every one)")
+    command.add_argument("--input-size", type=int, help="image side in pixels (default: each one's native size)")
+    command.add_argument("--classes", type=int, default=1000, help="outputs of the classifier head (1000)")
+    command.add_argument("--batch-size", type=int, default=32, help="for activation memory and --measure (32)")
+    command.add_argument("--optimizer", default="adam", help="an option of the optimizer group, for its state (adam)")
+    command.add_argument("--measure", action="store_true", help="also time a few training steps on this machine")
+    command.add_argument("--max-gmacs", type=float, help="leave out architectures above this many GMACs an image")
+    command.add_argument("--max-params", metavar="N", help="leave out architectures above N parameters (e.g. 30M)")
+    command.add_argument("--format", choices=("table", "csv", "json"), default="table", help="output (table)")
     return parser
 
 
@@ -283,6 +298,56 @@ def sync(args: argparse.Namespace) -> None:
             print(f"Run {box.run_id}: {box.pending()} items still wait in {box.folder} ({why})")
     if left:
         raise SystemExit(1)
+
+
+def models(args: argparse.Namespace) -> None:
+    import csv
+    import json
+
+    from workbench import chooser
+    from workbench.study import compose
+
+    try:
+        names = chooser.names(args.names)
+        for option, value in (("--classes", args.classes), ("--batch-size", args.batch_size)):
+            if value < 1:
+                raise ConfigError(f"{option} {value}: must be at least 1")
+        if args.input_size is not None and args.input_size < 1:
+            raise ConfigError(f"--input-size {args.input_size}: must be at least 1")
+        if args.optimizer not in compose.group_options("optimizer"):
+            options = ", ".join(compose.group_options("optimizer"))
+            raise ConfigError(f"--optimizer {args.optimizer}: the optimizer group has: {options}")
+        budget = chooser.Budget(args.max_gmacs, chooser.parse_count("--max-params", args.max_params))
+        if args.names:  # named, and too small for one of them: refused before anything is built
+            for name in names:
+                if why := chooser.too_small(name, args.input_size):
+                    raise ConfigError(why)
+    except ConfigError as exc:
+        fail(str(exc))
+    rows, left_out = [], []
+    for name in names:
+        if why := chooser.too_small(name, args.input_size):
+            left_out.append(f"{name}: {why}")
+            continue
+        row = chooser.profile(name, args.input_size, args.classes, args.batch_size, args.optimizer, args.measure)
+        if why := budget.over(row):
+            left_out.append(f"{name}: {why}")
+        else:
+            rows.append(row)
+    if args.format == "json":
+        print(json.dumps([row.as_dict() for row in rows], indent=2))
+    elif args.format == "csv":
+        writer = csv.DictWriter(sys.stdout, fieldnames=list(chooser.Row.__dataclass_fields__))
+        writer.writeheader()
+        writer.writerows(row.as_dict() for row in rows)
+    else:
+        print(
+            f"{args.classes} classes, batch {args.batch_size}, optimizer {args.optimizer}; GMACs per image, "
+            "memory in float32 (activations: one training batch)"
+        )
+        print("\n".join(chooser.table(rows)))
+    for line in left_out:  # on stderr, so CSV and JSON stay clean
+        print(f"left out {line}", file=sys.stderr)
 
 
 def _elapsed(trials: list[optuna.trial.FrozenTrial]) -> str:
