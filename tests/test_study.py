@@ -4,6 +4,7 @@ This file: one hyperband study, shared by the tests that read it back."""
 
 from __future__ import annotations
 
+import csv
 import math
 import re
 import shlex
@@ -77,7 +78,7 @@ def _rss_mb(pid: int) -> float:
         return math.nan
 
 
-def test_hyperband_prunes_and_every_trial_is_a_child_run(hyperband) -> None:
+def test_hyperband_prunes_and_every_trial_is_a_child_run(hyperband, tmp_path: Path) -> None:
     cwd, result, _ = hyperband
     study = load_study(cwd)
     trials = study.get_trials(deepcopy=False)
@@ -124,7 +125,21 @@ def test_hyperband_prunes_and_every_trial_is_a_child_run(hyperband) -> None:
     for plot in ("optimization_history", "param_importances", "parallel_coordinate", "intermediate_values"):
         assert f"plots/{plot}.png" in artifacts
     assert "plots/plots.html" in artifacts  # every interactive plot, with one copy of plotly.js
-    assert {"best_config.yaml", "retrain_command.txt"} <= artifacts
+    assert {"best_config.yaml", "retrain_command.txt", "trials.csv"} <= artifacts
+
+    # The study in one table, and each searched parameter's importance as a metric.
+    rows = list(
+        csv.DictReader(Path(client.download_artifacts(parent_id, "trials.csv", str(tmp_path))).read_text().splitlines())
+    )
+    assert [int(r["number"]) for r in rows] == [t.number for t in trials]
+    for row, trial in zip(rows, trials, strict=True):
+        assert (row["state"], row["mlflow_run_id"]) == (trial.state.name, trial.user_attrs["mlflow_run_id"])
+        assert int(row["epochs"]) == len(trial.intermediate_values) and row["failure"] == ""
+        assert float(row["val_loss"]) == pytest.approx(trial.value)
+        assert float(row["optimizer.learning_rate"]) == pytest.approx(trial.params["optimizer.learning_rate"])
+    importance = {k: v for k, v in parent.data.metrics.items() if k.startswith("importance.")}
+    assert set(importance) == {f"importance.{p}" for p in trials[0].params}
+    assert sum(importance.values()) == pytest.approx(1.0, abs=0.01)
 
     # The closing summary names the best trial, its run and its retrain command.
     best = study.best_trial

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import resource
 from pathlib import Path
 
@@ -173,6 +174,10 @@ def test_multi_objective_study_reports_its_pareto_front(workdir: Path) -> None:
             assert f"trial {trial.number}: val_accuracy={accuracy:.6g}  parameters={parameters:.6g}" in output
     commands = workbench_cli(["study", "best", name], workdir).stdout
     assert commands.count("python run.py ") == len(front)
+    client = MlflowClient(tracking_uri(workdir))
+    path = client.download_artifacts(study.user_attrs["mlflow_parent_run_id"], "pareto_front.csv", str(workdir))
+    rows = list(csv.DictReader(Path(path).read_text().splitlines()))
+    assert [(int(r["number"]), float(r["parameters"])) for r in rows] == [(t.number, t.values[1]) for t in front]
 
 
 def _dominates(a: optuna.trial.FrozenTrial, b: optuna.trial.FrozenTrial) -> bool:

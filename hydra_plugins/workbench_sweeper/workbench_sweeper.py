@@ -164,7 +164,7 @@ class WorkbenchSweeper(Sweeper):
         with TemporaryDirectory() as tmp:
             report.write_best(study, spec, Path(tmp))
             report.write_plots(study, spec, Path(tmp) / "plots")
-            parent.log_progress(run_id, spec, study.get_trials(deepcopy=False))
+            parent.log_progress(run_id, spec, study)
             parent.finish(run_id, status, Path(tmp))
         print(report.summary(study, spec, tracking.ui_hint(run_id)))
 

@@ -58,16 +58,30 @@ def study_params(spec: Spec, study_file: str | None) -> dict[str, str]:
     return {k: v[:6000] for k, v in flatten(described).items()}  # flatten hides secrets
 
 
-def log_progress(run_id: str, spec: Spec, trials: list[optuna.trial.FrozenTrial]) -> None:
-    """Metrics over time: trials completed, pruned and failed, and the best value so far."""
+def log_progress(run_id: str, spec: Spec, study: optuna.Study) -> None:
+    """Metrics over time (trials complete, pruned and failed; the best value so far; each parameter's
+    importance, `importance.<param>`) and the table of trials so far, `trials.csv` (with the Pareto front,
+    `pareto_front.csv`, for a multi-objective study)."""
+    from workbench.study import report
+
+    trials = study.get_trials(deepcopy=False)
     counts = tally.count(trials)
-    metrics = {"trials_complete": counts.complete, "trials_pruned": counts.pruned, "trials_failed": counts.failed}
+    metrics: dict[str, float] = {
+        "trials_complete": counts.complete,
+        "trials_pruned": counts.pruned,
+        "trials_failed": counts.failed,
+    }
     best = tally.best(spec, trials)
     if best is not None:
         metrics[f"best_{spec.metrics[0]}"] = best.values[0]
+    metrics |= {f"importance.{param}": value for param, value in report.importances(study, spec).items()}
     step = counts.finished + counts.failed
     now = int(time.time() * 1000)
-    MlflowClient().log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+    client = MlflowClient()
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+    client.log_text(run_id, report.trials_csv(spec, trials), "trials.csv")
+    if spec.multi_objective and best is not None:
+        client.log_text(run_id, report.trials_csv(spec, report.best_trials(study, spec)), "pareto_front.csv")
 
 
 def finish(run_id: str, status: str, artifacts: Path | None = None) -> None:

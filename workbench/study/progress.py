@@ -66,7 +66,7 @@ class Progress:
             self._finished_at_start = counts.finished
         changed = counts != self._last
         if changed:
-            parent.log_progress(self.parent_run_id, self.spec, trials)
+            parent.log_progress(self.parent_run_id, self.spec, self.study)
             self._last = counts
         now = time.monotonic()
         if self.tty:

@@ -15,7 +15,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from workbench.config import redacted_yaml
-from workbench.study import compose, tally
+from workbench.study import causes, compose, tally
 from workbench.study.spec import Spec
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,36 @@ def write_best(study: optuna.Study, spec: Spec, folder: Path) -> list[Path]:
         path.write_text("".join(commands))
         written.append(path)
     return written
+
+
+def trials_csv(spec: Spec, trials: list[FrozenTrial]) -> str:
+    """One row per trial: number, state, cause of a failure, parameters, values, epochs reported (folds,
+    with trainer.cv_folds) and MLflow run id."""
+    import csv
+    import io
+
+    params = list(dict.fromkeys([p.key for p in spec.params] + [k for t in trials for k in t.params]))
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["number", "state", "failure", *params, *spec.metrics, "epochs", "mlflow_run_id"])
+    for t in trials:
+        values = t.values if t.values is not None else [None] * len(spec.metrics)
+        failure = causes.of_trial(t) if t.state == TrialState.FAIL else ""
+        row = [t.number, t.state.name, failure, *(t.params.get(k) for k in params), *values]
+        writer.writerow([*row, len(t.intermediate_values), t.user_attrs.get("mlflow_run_id", "")])
+    return out.getvalue()
+
+
+def importances(study: optuna.Study, spec: Spec) -> dict[str, float]:
+    """Optuna's parameter importances (fANOVA) for the first metric; empty until they can be computed."""
+    target = (lambda t: t.values[0]) if spec.multi_objective else None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return dict(optuna.importance.get_param_importances(study, target=target))
+    except Exception as exc:  # fewer than two complete trials, or parameters that never varied
+        log.debug("No parameter importances yet: %s", exc)
+        return {}
 
 
 def write_plots(study: optuna.Study, spec: Spec, folder: Path) -> list[Path]:
