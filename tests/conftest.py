@@ -61,6 +61,8 @@ SLOW_FIRST = (
     "test_own_images",
     "test_slurm",
     "test_finetune",
+    "test_outage",
+    "test_models_chooser",
     "test_cv",
     "test_trainer",
     "test_run",
