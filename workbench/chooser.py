@@ -116,7 +116,9 @@ def profile(name: str, input_size: int | None, classes: int, batch_size: int, op
         gmacs=macs / 1e9,
         weights_and_optimizer_bytes=_bytes(model.variables) + _bytes(opt.variables),
         activation_bytes=outputs * batch_size * 4,
-        images_per_second=_measure(model, opt, cfg.model.jit_compile, size, classes, batch_size) if measure else None,
+        images_per_second=_measure(model, opt, models.jit_compile(cfg.model.jit_compile), size, classes, batch_size)
+        if measure
+        else None,
     )
     keras.backend.clear_session()
     return row
@@ -160,7 +162,7 @@ def _bytes(variables: Iterable[keras.Variable]) -> int:
 def _measure(
     model: keras.Model,
     optimizer: keras.optimizers.Optimizer,
-    jit_compile: object,
+    jit_compile: bool | str,
     size: int,
     classes: int,
     batch_size: int,
@@ -168,8 +170,7 @@ def _measure(
     import keras
     import numpy as np
 
-    jit = "auto" if str(jit_compile).lower() == "auto" else str(jit_compile).lower() == "true"
-    model.compile(optimizer=optimizer, loss=keras.losses.CategoricalCrossentropy(), jit_compile=jit)
+    model.compile(optimizer=optimizer, loss=keras.losses.CategoricalCrossentropy(), jit_compile=jit_compile)
     rng = np.random.default_rng(0)
     images = rng.uniform(0, 255, (batch_size, size, size, 3)).astype("float32")
     labels = keras.utils.to_categorical(rng.integers(0, classes, batch_size), classes)

@@ -314,9 +314,9 @@ def models(args: argparse.Namespace) -> None:
                 raise ConfigError(f"{option} {value}: must be at least 1")
         if args.input_size is not None and args.input_size < 1:
             raise ConfigError(f"--input-size {args.input_size}: must be at least 1")
-        if args.optimizer not in compose.group_options("optimizer"):
-            options = ", ".join(compose.group_options("optimizer"))
-            raise ConfigError(f"--optimizer {args.optimizer}: the optimizer group has: {options}")
+        optimizers = compose.group_options("optimizer")
+        if args.optimizer not in optimizers:
+            raise ConfigError(f"--optimizer {args.optimizer}: the optimizer group has: {', '.join(optimizers)}")
         budget = chooser.Budget(args.max_gmacs, chooser.parse_count("--max-params", args.max_params))
         if args.names:  # named, and too small for one of them: refused before anything is built
             for name in names:

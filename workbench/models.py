@@ -44,6 +44,12 @@ def input_size(model_cfg: DictConfig) -> int:
     return model_cfg.input_size or ARCHITECTURES[model_cfg.name].native_size
 
 
+def jit_compile(value: object) -> bool | str:
+    """`model.jit_compile` (auto, true or false) as Keras's compile() takes it."""
+    text = str(value).lower()
+    return "auto" if text == "auto" else text == "true"
+
+
 def preprocessor(name: str) -> Callable[[Any], Any]:
     """The architecture's own `preprocess_input`, mapping [0, 255] RGB images to what it expects."""
     import keras

@@ -197,7 +197,7 @@ def _prepare(
                         else []
                     ),
                 ],
-                jit_compile=_jit(cfg.model.jit_compile),
+                jit_compile=models.jit_compile(cfg.model.jit_compile),
             )
             # Without a distribution strategy Keras creates the optimizer's slots inside the first traced
             # step, and TensorFlow then traces that step a second time; built here, it is traced once
@@ -277,11 +277,6 @@ def _log_outputs(
     box.curves()
     if cfg.tracking.log_model:
         box.model(model, ckpt.last, size, class_names, cfg.model.name)
-
-
-def _jit(value: object) -> bool | str:
-    text = str(value).lower()
-    return "auto" if text == "auto" else text == "true"
 
 
 @contextlib.contextmanager

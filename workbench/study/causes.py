@@ -23,8 +23,6 @@ from workbench.config import ConfigError
 if TYPE_CHECKING:
     import optuna
 
-CAUSES = ("preempted", "lost", "oom", "diverged", "invalid", "error")
-RETRIED = ("preempted", "lost")
 # What TensorFlow, XLA and CUDA say when an allocation fails, whatever the exception type they raise it as.
 _OOM_WORDS = ("out of memory", "oom when allocating", "resource_exhausted", "resource exhausted")
 
