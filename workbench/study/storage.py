@@ -224,7 +224,10 @@ def retried(call: Callable[[], T], outage_s: float = OUTAGE_S) -> T:
             time.sleep(2)
 
 
-# The storage calls a study makes while it runs: each made again while the server is away (retried).
+# The storage calls a study makes while it runs, each made again while the server is away (retried): the
+# ones that open a database session. Optuna's cache in front of an RDBStorage calls the private ones
+# directly; the public create_new_trial, set_trial_param, get_all_trials and get_best_trial only delegate
+# to them (retrying both would nest the waits).
 RETRIED_CALLS = [
     "get_study_id_from_name",
     "get_study_name_from_id",
@@ -234,8 +237,8 @@ RETRIED_CALLS = [
     "get_trial_user_attrs",
     "get_trial_system_attrs",
     "get_all_studies",
-    "create_new_trial",
-    "set_trial_param",
+    "_create_new_trial",
+    "_set_trial_param",
     "get_trial_param",
     "set_trial_state_values",
     "set_trial_intermediate_value",
@@ -243,8 +246,9 @@ RETRIED_CALLS = [
     "set_trial_system_attr",
     "get_trial_id_from_study_id_trial_number",
     "get_trial",
-    "get_all_trials",
-    "get_best_trial",
+    "_get_trials",
+    "_get_best_trial_id",
+    "_get_stale_trial_ids",
     "record_heartbeat",
     "set_study_user_attr",
     "set_study_system_attr",
