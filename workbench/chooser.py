@@ -13,6 +13,7 @@ input size, counted from the built Keras model rather than typed in.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Iterable
@@ -92,8 +93,10 @@ def parse_count(option: str, text: str | None) -> float | None:
     return value
 
 
-def profile(name: str, input_size: int | None, classes: int, batch_size: int, optimizer: str, measure: bool) -> Row:
-    """One architecture's row; TensorFlow loads here."""
+def profile(
+    name: str, input_size: int | None, classes: int, batch_size: int, optimizer: str, measure: bool, budget: Budget
+) -> Row:
+    """One architecture's row, timed with `measure` when within `budget`; TensorFlow loads here."""
     import keras
 
     from workbench import models, optim
@@ -116,10 +119,11 @@ def profile(name: str, input_size: int | None, classes: int, batch_size: int, op
         gmacs=macs / 1e9,
         weights_and_optimizer_bytes=_bytes(model.variables) + _bytes(opt.variables),
         activation_bytes=outputs * batch_size * 4,
-        images_per_second=_measure(model, opt, models.jit_compile(cfg.model.jit_compile), size, classes, batch_size)
-        if measure
-        else None,
+        images_per_second=None,
     )
+    if measure and not budget.over(row):  # a row left out is not worth compiling a training step for
+        speed = _measure(model, opt, models.jit_compile(cfg.model.jit_compile), size, classes, batch_size)
+        row = dataclasses.replace(row, images_per_second=speed)
     keras.backend.clear_session()
     return row
 

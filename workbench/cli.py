@@ -329,7 +329,9 @@ def models(args: argparse.Namespace) -> None:
         if why := chooser.too_small(name, args.input_size):
             left_out.append(f"{name}: {why}")
             continue
-        row = chooser.profile(name, args.input_size, args.classes, args.batch_size, args.optimizer, args.measure)
+        row = chooser.profile(
+            name, args.input_size, args.classes, args.batch_size, args.optimizer, args.measure, budget
+        )
         if why := budget.over(row):
             left_out.append(f"{name}: {why}")
         else:
