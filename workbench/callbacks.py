@@ -144,3 +144,31 @@ class Checkpointer(keras.callbacks.Callback):
         self.state.metrics = {k: float(v) for k, v in logs.items()}
         self.state.rng = save_rng(self.model)
         self.dir.write_state(self.state)
+
+
+class LossRecorder(keras.callbacks.Callback):
+    """The learning-rate finder's probe: each batch's own training loss (the metrics restart every batch,
+    so Keras's running mean is that batch's), its bias-corrected moving average, and the stop once the
+    average passes `diverged` times its best or the loss is no longer finite."""
+
+    def __init__(self, beta: float, diverged: float):
+        super().__init__()
+        self.beta, self.diverged = beta, diverged
+        self.losses: list[float] = []
+        self.smoothed: list[float] = []
+        self.stop = "the ramp ended"
+        self._average = 0.0
+
+    def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
+        self.model.reset_metrics()
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        loss = float((logs or {})["loss"])
+        self._average = self.beta * self._average + (1 - self.beta) * loss
+        smoothed = self._average / (1 - self.beta ** (len(self.losses) + 1))
+        self.losses.append(loss)
+        self.smoothed.append(smoothed)
+        if not math.isfinite(smoothed):
+            self.stop, self.model.stop_training = "the loss became NaN", True
+        elif smoothed > self.diverged * min(self.smoothed):
+            self.stop, self.model.stop_training = f"the smoothed loss passed {self.diverged:g}x its lowest", True

@@ -48,6 +48,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         return sync(args)
     if args.topic == "models":
         return models(args)
+    if args.topic == "lr-find":
+        return lr_find(args)
     try:
         spec, study = _load(args.name, args.storage, args.overrides)
     except ConfigError as exc:
@@ -130,6 +132,18 @@ def _parser() -> argparse.ArgumentParser:
     command.add_argument("--max-gmacs", type=float, help="leave out architectures above this many GMACs an image")
     command.add_argument("--max-params", metavar="N", help="leave out architectures above N parameters (e.g. 30M)")
     command.add_argument("--format", choices=("table", "csv", "json"), default="table", help="output (table)")
+
+    text = "the learning-rate range test: a short exponential ramp of the learning rate on the composed config"
+    command = topics.add_parser(
+        "lr-find",
+        help=text,
+        description=f"{text}; prints the learning rate where the smoothed loss falls fastest and a range for a "
+        "study, and logs the curve to an MLflow run tagged workbench.kind=lr_find",
+    )
+    command.add_argument("overrides", nargs="*", help="python run.py overrides: model=..., data=..., optimizer=...")
+    command.add_argument("--min", type=float, default=1e-7, help="the first learning rate (1e-7)")
+    command.add_argument("--max", type=float, default=10.0, help="the last learning rate (10)")
+    command.add_argument("--steps", type=int, default=100, help="batches, each at a higher rate (100)")
     return parser
 
 
@@ -350,6 +364,40 @@ def models(args: argparse.Namespace) -> None:
         print("\n".join(chooser.table(rows)))
     for line in left_out:  # on stderr, so CSV and JSON stay clean
         print(f"left out {line}", file=sys.stderr)
+
+
+def lr_find(args: argparse.Namespace) -> None:
+    from workbench import lr_find as finder
+    from workbench import signals, tracking
+    from workbench.precheck import check_overrides
+    from workbench.server import check_server
+    from workbench.study import compose
+
+    try:
+        finder.check_range(args.min, args.max, args.steps)
+        check_overrides(args.overrides, compose.CONF, multirun=False)
+        cfg, context = compose.compose_run(args.overrides)
+        check_server(cfg.tracking)
+        with signals.stop_on_signals():
+            found = finder.find(cfg, context, args.min, args.max, args.steps)
+    except ConfigError as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:  # the probe's run has ended KILLED; nothing to go on from
+        fail("stopped; the learning-rate range test keeps nothing: run it again", signals.exit_status())
+    curve = found.curve
+    print(f"Learning-rate range test: {len(curve.losses)} steps from {args.min:g} to {curve.learning_rates[-1]:.3g}")
+    print(f"  stopped: {curve.stop}; MLflow run {found.run_id} (lr_find/lr_find.png, lr_find/lr_find.csv)")
+    if found.suggested is None:
+        fail(
+            f"no suggestion: the loss did not fall from --min {args.min:g} and diverged after {len(curve.losses)} "
+            "steps, so the range starts past where training diverges: lower --min (the default is 1e-7)",
+            status=1,
+        )
+    low, high = curve.search_range(found.suggested)
+    print(f"Suggested: optimizer.learning_rate={found.suggested:.3g}")
+    print("For a study file (studies/<name>.yaml), under study.params:")
+    print(f"  optimizer.learning_rate: {{type: float, low: {low:.3g}, high: {high:.3g}, log: true}}")
+    print(f"  Compare runs: {tracking.ui_hint(found.run_id)}")
 
 
 def _elapsed(trials: list[optuna.trial.FrozenTrial]) -> str:

@@ -74,14 +74,21 @@ SCHEDULES: dict[str, Callable[[float, DictConfig, int, int], Any]] = {
 
 
 def build_optimizer(
-    opt_cfg: DictConfig, sched_cfg: DictConfig, steps_per_epoch: int, epochs: int
+    opt_cfg: DictConfig,
+    sched_cfg: DictConfig,
+    steps_per_epoch: int,
+    epochs: int,
+    learning_rate: float | keras.optimizers.schedules.LearningRateSchedule | None = None,
 ) -> keras.optimizers.Optimizer:
-    """A Keras optimizer. `weight_decay` is decoupled unless `l2_kernels_only` moves it into the loss."""
+    """A Keras optimizer. `weight_decay` is decoupled unless `l2_kernels_only` moves it into the loss.
+    `learning_rate` replaces the configured schedule (the learning-rate finder's ramp)."""
     build = OPTIMIZERS.get(opt_cfg.name)
     if build is None:
         raise ValueError(f"optimizer.name={opt_cfg.name}")  # validate() refuses this earlier
     common = {
-        "learning_rate": build_schedule(opt_cfg, sched_cfg, steps_per_epoch, epochs),
+        "learning_rate": (
+            build_schedule(opt_cfg, sched_cfg, steps_per_epoch, epochs) if learning_rate is None else learning_rate
+        ),
         "weight_decay": None if opt_cfg.l2_kernels_only or not opt_cfg.weight_decay else opt_cfg.weight_decay,
         # NASNet's and the Inception trainer's clipping is by the global norm of all gradients.
         "global_clipnorm": opt_cfg.clipnorm,

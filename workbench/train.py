@@ -118,7 +118,7 @@ def train_one(
 
     # Weights from an MLflow run or registered model are fetched before TensorFlow loads; a resume has its own.
     weights = contextlib.nullcontext(cfg.model) if state.epoch else tracking.local_weights(cfg.model)
-    with weights as model_cfg, _keras_session(cfg.trainer) as strategy:
+    with weights as model_cfg, keras_session(cfg.trainer) as strategy:
         model, pipelines = _prepare(cfg, model_cfg, source, size, ckpt, state, strategy)
         run_tags = tracking.run_tags(cfg, context.choices, context.overrides, config_hash(cfg)) | (tags or {})
         with tracking.run(
@@ -176,38 +176,58 @@ def _prepare(
     from workbench.checkpoints import restore_rng
 
     pipelines = data.build(source, cfg, size, models.preprocessor(cfg.model.name), initial_epoch=state.epoch)
-    opt = cfg.optimizer
     with strategy.scope():
         if state.epoch:
             model = keras.saving.load_model(ckpt.last)
             restore_rng(model, state.rng)
+            _add_l2(model, cfg.optimizer)
         else:
-            model = models.build(model_cfg, source.num_classes)
-            if cfg.trainer.freeze_epochs:  # the optimizer is built for both phases (callbacks.Unfreeze)
-                models.unfreeze(model.get_layer("backbone"), model_cfg.freeze)
-            model.compile(
-                optimizer=optim.build_optimizer(opt, cfg.schedule, pipelines.steps_per_epoch, cfg.trainer.epochs),
-                loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.trainer.label_smoothing),
-                metrics=[
-                    keras.metrics.CategoricalAccuracy(name="accuracy"),
-                    # With 5 classes or fewer every label is in the top 5: a constant 1.0, so not logged.
-                    *(
-                        [keras.metrics.TopKCategoricalAccuracy(k=5, name="top5_accuracy")]
-                        if source.num_classes > 5
-                        else []
-                    ),
-                ],
-                jit_compile=models.jit_compile(cfg.model.jit_compile),
-            )
-            # Without a distribution strategy Keras creates the optimizer's slots inside the first traced
-            # step, and TensorFlow then traces that step a second time; built here, it is traced once
-            # (NASNetLarge: half a minute saved).
-            model.optimizer.build(model.trainable_variables)
-        if opt.ema is not None and state.epoch:
+            model = build_model(cfg, model_cfg, source.num_classes, pipelines.steps_per_epoch)
+        if cfg.optimizer.ema is not None and state.epoch:
             optim.warm_up_ema(model.optimizer)  # a method of the instance, so not in the checkpoint
-        if opt.l2_kernels_only and opt.weight_decay:
-            models.add_kernel_l2(model, opt.weight_decay)
     return model, pipelines
+
+
+def build_model(
+    cfg: DictConfig,
+    model_cfg: DictConfig,
+    num_classes: int,
+    steps_per_epoch: int,
+    learning_rate: float | keras.optimizers.schedules.LearningRateSchedule | None = None,
+) -> keras.Model:
+    """A new model, compiled as the trainer trains it, inside the caller's distribution scope.
+    `learning_rate` replaces the configured schedule (the learning-rate finder's ramp)."""
+    import keras
+
+    from workbench import optim
+
+    model = models.build(model_cfg, num_classes)
+    if cfg.trainer.freeze_epochs:  # the optimizer is built for both phases (callbacks.Unfreeze)
+        models.unfreeze(model.get_layer("backbone"), model_cfg.freeze)
+    optimizer = optim.build_optimizer(
+        cfg.optimizer, cfg.schedule, steps_per_epoch, cfg.trainer.epochs, learning_rate=learning_rate
+    )
+    model.compile(
+        optimizer=optimizer,
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.trainer.label_smoothing),
+        metrics=[
+            keras.metrics.CategoricalAccuracy(name="accuracy"),
+            # With 5 classes or fewer every label is in the top 5: a constant 1.0, so not logged.
+            *([keras.metrics.TopKCategoricalAccuracy(k=5, name="top5_accuracy")] if num_classes > 5 else []),
+        ],
+        jit_compile=models.jit_compile(cfg.model.jit_compile),
+    )
+    # Without a distribution strategy Keras creates the optimizer's slots inside the first traced
+    # step, and TensorFlow then traces that step a second time; built here, it is traced once
+    # (NASNetLarge: half a minute saved).
+    model.optimizer.build(model.trainable_variables)
+    _add_l2(model, cfg.optimizer)
+    return model
+
+
+def _add_l2(model: keras.Model, opt_cfg: DictConfig) -> None:
+    if opt_cfg.l2_kernels_only and opt_cfg.weight_decay:
+        models.add_kernel_l2(model, opt_cfg.weight_decay)
 
 
 def _fit(
@@ -280,7 +300,7 @@ def _log_outputs(
 
 
 @contextlib.contextmanager
-def _keras_session(trainer_cfg: DictConfig) -> Iterator[tf.distribute.Strategy]:
+def keras_session(trainer_cfg: DictConfig) -> Iterator[tf.distribute.Strategy]:
     """Seeds, determinism, precision policy and distribution for one run.
 
     The precision policy and Keras's state are reset afterwards. Op determinism is not: TensorFlow has no

@@ -12,11 +12,14 @@ import re
 import shlex
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from workbench.config import redact
+
+if TYPE_CHECKING:
+    from workbench.train import RunContext
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 _BARE = re.compile(r"[A-Za-z_/][\w./-]*")  # a string Hydra reads back as the same string, unquoted
@@ -41,6 +44,22 @@ def compose(overrides: Iterable[str]) -> DictConfig:
 
     with hydra_initialized():
         return hydra_compose("config", overrides=list(overrides))
+
+
+def compose_run(overrides: list[str], run_control: Iterable[str] = ()) -> tuple[DictConfig, RunContext]:
+    """The config `python run.py <overrides> <run_control>` trains, and its run context: these overrides'
+    own group choices (not the running job's, which Hydra's globals describe). `run_control` (where
+    checkpoints go, the run's name) is left out of the context's overrides, so not in the retrain command."""
+    from hydra import compose as hydra_compose
+
+    from workbench.train import RunContext
+
+    with hydra_initialized():
+        cfg = hydra_compose("config", overrides=[*overrides, *run_control], return_hydra_config=True)
+    choices = {k: v for k, v in cfg.hydra.runtime.choices.items() if v is not None}
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg, RunContext(choices, list(overrides))
 
 
 def group_options(group: str) -> list[str]:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import optuna
 from mlflow.tracking import MlflowClient
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 
 from workbench.config import redact
@@ -73,7 +73,7 @@ class Objective:
         overrides = compose.trial_overrides(self.spec.base_overrides, self.user, params)
         trial.set_user_attr("overrides", [redact(o) for o in overrides])  # what `workbench study best` prints
         attempts = _dead_attempts(trial)
-        cfg, context = _compose(
+        cfg, context = compose.compose_run(
             overrides,
             [
                 compose.assign("trainer.checkpoint_dir", str(directory)),
@@ -119,21 +119,6 @@ class Objective:
         _finish(result.run_id, "COMPLETE")
         values = tuple(float(result.metrics[m]) for m in self.spec.metrics)
         return values if self.spec.multi_objective else values[0]
-
-
-def _compose(overrides: list[str], run_control: list[str]) -> tuple[DictConfig, RunContext]:
-    """The trial's config, composed as `python run.py <overrides>` would compose it, and its run context:
-    the trial's own group choices and overrides (not the worker job's, which Hydra's globals describe)."""
-    from hydra import compose as hydra_compose
-
-    from workbench.train import RunContext
-
-    with compose.hydra_initialized():
-        cfg = hydra_compose("config", overrides=[*overrides, *run_control], return_hydra_config=True)
-    choices = {k: v for k, v in cfg.hydra.runtime.choices.items() if v is not None}
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg, RunContext(choices, list(overrides))
 
 
 class Reporter:
