@@ -7,6 +7,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import mlflow
 import pytest
 
 from helpers import TrackingServer, serve_mlflow, throwaway_database
@@ -26,6 +27,16 @@ def user_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("XDG_CACHE_HOME", str(folder))
         yield folder
+
+
+@pytest.fixture(autouse=True)
+def mlflow_default_store() -> Iterator[None]:
+    """Every test starts on MLflow's default store: `mlflow.set_tracking_uri`, which the workbench's commands
+    and some tests call in-process, is process-wide, and it carried one test's store into the next test the
+    same xdist worker ran (a run "not found" in the store the next test looked in)."""
+    mlflow.set_tracking_uri(None)  # None is MLflow's own reset: back to the default
+    yield
+    mlflow.set_tracking_uri(None)
 
 
 @pytest.fixture
@@ -61,10 +72,12 @@ SLOW_FIRST = (
     "test_own_images",
     "test_slurm",
     "test_finetune",
+    "test_registry",
     "test_outage",
     "test_models_chooser",
     "test_cv",
     "test_trainer",
+    "test_lr_find",
     "test_run",
     "test_resume",
     "test_stops",

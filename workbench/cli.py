@@ -2,16 +2,19 @@
 
     workbench study status lr_batch_decay_dropout     # trials by state, best value and parameters, elapsed
     workbench study best lr_batch_decay_dropout       # the `python run.py ...` command that retrains the best
+    workbench study best lr_batch_decay_dropout --register digits-cnn   # its model as models:/digits-cnn@champion
     workbench study report lr_batch_decay_dropout     # Optuna's plots and the best config, written to a folder
+    workbench study gc lr_batch_decay_dropout --keep-models 2 --dry-run   # delete all but the best trials' models
     workbench predict <run id> photo.jpg photos/      # the top classes of each image, by name
     workbench data build ~/flowers ~/flowers-records  # an image folder as sharded TFRecords (data=tfrecord)
     workbench eval <run id> [data=... data.path=...] [--crops 10]   # top-1/top-5, per class, confusion matrix
     workbench sync [checkpoints]                      # send what runs kept while the tracking server was away
     workbench models --input-size 128 --classes 5     # each architecture's parameters, GMACs and memory
+    workbench lr-find model=resnet50 data=...         # the learning-rate range test: a rate and a study range
 
 The study file (studies/<name>.yaml) names the storage and the Optuna study; `--storage URL` or any
 `study.<key>=<value>` override given at launch (e.g. study.name=...) points elsewhere. Only `predict`,
-`eval` and `models` load TensorFlow.
+`eval`, `models` and `lr-find` load TensorFlow.
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ def _parser() -> argparse.ArgumentParser:
         ("status", status, "trials by state, the best value and parameters, elapsed time"),
         ("best", best, "the python run.py command that retrains the best trial (each Pareto trial)"),
         ("report", report, "write Optuna's plots and the best config to a folder"),
+        ("gc", gc, "delete the logged models and checkpoints of all but the best trials (study.keep)"),
     ):
         command = commands.add_parser(name, help=text, description=text)
         command.add_argument("name", help="the study file's name (studies/<name>.yaml)")
@@ -73,7 +77,20 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--storage", metavar="URL", help="the Optuna storage, instead of the study file's")
         command.set_defaults(command=function)
     commands.choices["best"].add_argument("--trial", type=int, help="the command for this trial number instead")
+    commands.choices["best"].add_argument(
+        "--register", metavar="MODEL", help="register its logged model as a version of MODEL, alias champion"
+    )
+    commands.choices["best"].add_argument(
+        "--tracking-uri", help="with --register: the MLflow store (default: MLFLOW_TRACKING_URI, else ./mlflow.db)"
+    )
     commands.choices["report"].add_argument("--out", type=Path, help="the folder to write (default: reports/<name>)")
+    gc_command = commands.choices["gc"]
+    for kind in ("models", "checkpoints"):
+        gc_command.add_argument(
+            f"--keep-{kind}", type=int, metavar="K", help=f"the best K trials keep their {kind} (default: study.keep)"
+        )
+    gc_command.add_argument("--dry-run", action="store_true", help="list what would be deleted and the bytes freed")
+    gc_command.add_argument("--tracking-uri", help="the MLflow store (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
 
     text = "the top classes of image files, by name, from a run's logged model"
     command = topics.add_parser("predict", help=text, description=text)
@@ -189,6 +206,8 @@ def status(study: optuna.Study, spec: Spec, args: argparse.Namespace) -> None:
 def best(study: optuna.Study, spec: Spec, args: argparse.Namespace) -> None:
     from workbench.study import report
 
+    if args.register is not None:
+        return register(study, spec, args)
     if args.trial is not None:
         trials = [t for t in study.get_trials(deepcopy=False) if t.number == args.trial and "overrides" in t.user_attrs]
         if not trials:
@@ -203,6 +222,25 @@ def best(study: optuna.Study, spec: Spec, args: argparse.Namespace) -> None:
         print(report.retrain_command(trial, spec))
 
 
+def register(study: optuna.Study, spec: Spec, args: argparse.Namespace) -> None:
+    from mlflow.exceptions import MlflowException
+
+    from workbench.config import first_line
+    from workbench.predict import use_store
+    from workbench.study import registry, report
+
+    try:
+        registry.check_name(f"--register {args.register}", args.register)
+        trial = registry.trial_to_register(study, spec, args.trial)
+        use_store(args.tracking_uri)
+        registered = registry.register(trial, spec, args.register)
+    except ConfigError as exc:
+        fail(str(exc))
+    except MlflowException as exc:  # the store refused, or is away: not the user's input
+        fail(f"--register {args.register}: {redact(first_line(exc))}", status=1)
+    print("\n".join(registered.lines(spec, report.values_text(spec, trial))))
+
+
 def report(study: optuna.Study, spec: Spec, args: argparse.Namespace) -> None:
     from workbench.study import report as study_report
 
@@ -211,6 +249,42 @@ def report(study: optuna.Study, spec: Spec, args: argparse.Namespace) -> None:
     print(f"Wrote {len(written)} files to {folder}/:")
     for path in written:
         print(f"  {path.relative_to(folder)}")
+
+
+def gc(study: optuna.Study, spec: Spec, args: argparse.Namespace) -> None:
+    from workbench.chooser import size_text
+    from workbench.predict import use_store
+    from workbench.study import keep
+    from workbench.study.spec import Keep
+
+    policy = spec.keep or Keep(None, None)
+    try:
+        for kind in ("models", "checkpoints"):
+            given = getattr(args, f"keep_{kind}")
+            if given is not None and given < 0:
+                raise ConfigError(f"--keep-{kind} {given}: a number of trials, 0 or more")
+        policy = Keep(
+            policy.models if args.keep_models is None else args.keep_models,
+            policy.checkpoints if args.keep_checkpoints is None else args.keep_checkpoints,
+        )
+        if policy == Keep(None, None):
+            raise ConfigError(
+                f"study {spec.name} keeps everything (study.keep: null): give --keep-models or --keep-checkpoints"
+            )
+        store = use_store(args.tracking_uri)
+    except ConfigError as exc:
+        fail(str(exc))
+    deletions = keep.apply(study, policy, dry_run=args.dry_run)
+    verb = "would delete" if args.dry_run else "deleted"
+    for d in deletions:
+        print(f"trial {d.trial}: {verb} {d.kind} of run {d.run_id} ({size_text(d.bytes)})")
+    kept = ", ".join(
+        f"the best {n} keep their {kind}"
+        for kind, n in (("models", policy.models), ("checkpoints", policy.checkpoints))
+        if n is not None
+    )
+    freed = size_text(sum(d.bytes for d in deletions))
+    print(f"Study {spec.name} in {store}: {kept}; {'would free' if args.dry_run else 'freed'} {freed}")
 
 
 def predict(args: argparse.Namespace) -> None:

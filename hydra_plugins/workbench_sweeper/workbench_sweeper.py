@@ -159,14 +159,34 @@ class WorkbenchSweeper(Sweeper):
     def _close(self, study: optuna.Study, spec: Spec, run_id: str, status: str) -> None:
         """Best config, retrain command and plots to the parent run, which ends; the summary."""
         from workbench import tracking
-        from workbench.study import parent, report
+        from workbench.study import keep, parent, report
 
+        if spec.keep is not None:
+            keep.apply(study, spec.keep)
         with TemporaryDirectory() as tmp:
             report.write_best(study, spec, Path(tmp))
             report.write_plots(study, spec, Path(tmp) / "plots")
             parent.log_progress(run_id, spec, study)
             parent.finish(run_id, status, Path(tmp))
         print(report.summary(study, spec, tracking.ui_hint(run_id)))
+        if status == "FINISHED" and spec.register is not None:
+            _register(study, spec, spec.register)
+
+
+def _register(study: optuna.Study, spec: Spec, name: str) -> None:
+    """`study.register`: the best trial's model as the registered model's champion. After the parent run has
+    ended: a registration that fails (exit status 1) leaves the study closed."""
+    from mlflow.exceptions import MlflowException
+
+    from workbench.config import first_line
+    from workbench.study import registry, report
+
+    try:
+        trial = registry.trial_to_register(study, spec, None)
+        registered = registry.register(trial, spec, name)
+    except (ConfigError, MlflowException) as exc:
+        fail(f"study.register={name}: not registered: {redact(first_line(exc))}", status=1)
+    print("\n".join(registered.lines(spec, report.values_text(spec, trial))))
 
 
 def _stopped_message(study: optuna.Study, spec: Spec, launch_id: str) -> str:

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from workbench.config import CHOICE_GROUPS, ConfigError, check_choices, first_line, validate
-from workbench.study import compose, samplers
+from workbench.study import compose, registry, samplers
 from workbench.study.space import Param
 from workbench.study.spec import Spec
 
@@ -36,6 +36,7 @@ def preflight(spec: Spec, user: Sequence[str]) -> DictConfig:
                 _check_group(param, base, compose.group_options(param.key))
             else:
                 _check_key(param, cfg)
+    registry.check_study(spec, cfg)
     samplers.make_sampler(spec, seed=None)
     samplers.make_pruner(spec, cfg)
     return cfg

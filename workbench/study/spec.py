@@ -52,6 +52,9 @@ class StudyConf:
     grace_period: int = 180  # seconds without a heartbeat after which a trial's worker counts as dead
     max_retry: int = 2  # how often a dead worker's trial is retried
     params: dict[str, Any] = field(default_factory=dict)
+    # How many of the best trials keep their logged model and their checkpoints; null keeps every trial's.
+    keep: Any = field(default_factory=lambda: {"models": 3, "checkpoints": 1})
+    register: str | None = None  # a registered model: the best trial becomes its version `champion` at the end
     # Set by the sweeper for its workers; a study file leaves them alone.
     parent_run_id: str | None = None
     launch_id: str | None = None
@@ -75,6 +78,8 @@ class Spec:
     grace_period: int
     max_retry: int
     params: tuple[space.Param, ...]
+    keep: Keep | None = None
+    register: str | None = None
 
     @property
     def multi_objective(self) -> bool:
@@ -110,6 +115,8 @@ class Spec:
             grace_period=node["grace_period"],
             max_retry=node["max_retry"],
             params=space.parse(node["params"]),
+            keep=Keep.parse(node["keep"]),
+            register=None if node["register"] is None else str(node["register"]),
         )
         spec._check()
         return spec
@@ -150,6 +157,27 @@ class Spec:
                 f"study.storage={redact(self.storage)}: workers share a SQLite file or a PostgreSQL "
                 "database (sqlite:///optuna.db, postgresql://user@host/db)"
             )
+
+
+@dataclass(frozen=True)
+class Keep:
+    """`study.keep`: the best `models` trials keep their logged model, the best `checkpoints` trials their
+    checkpoint artifacts (a multi-objective study: its Pareto front); None keeps that kind for every trial."""
+
+    models: int | None
+    checkpoints: int | None
+
+    @classmethod
+    def parse(cls, node: Any) -> Keep | None:
+        if node is None:
+            return None
+        if not isinstance(node, dict) or set(node) - {"models", "checkpoints"}:
+            raise ConfigError(f"study.keep={node}: give {{models: K, checkpoints: K}} (or null to keep everything)")
+        for key in ("models", "checkpoints"):
+            value = node.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ConfigError(f"study.keep.{key}={value}: a number of trials, 0 or more, or null for all")
+        return cls(node.get("models"), node.get("checkpoints"))
 
 
 def _as_tuple(value: Any) -> tuple[str, ...]:

@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 
 from workbench import signals, tracking
-from workbench.study import compose, lock, samplers, storage, tally
+from workbench.study import compose, keep, lock, samplers, storage, tally
 from workbench.study.spec import Spec
 from workbench.study.trial import Objective
 
@@ -60,6 +60,8 @@ def run(cfg: DictConfig) -> int:
                 # The objective releases the lock as soon as its trial exists.
                 study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=True)
                 ran += 1
+                if spec.keep is not None:  # a trial that entered the top displaces one, whose artifacts go now
+                    keep.apply(study, spec.keep)
             except KeyboardInterrupt:
                 _hand_back(study, spec, objective.running)
                 # Return, not raise: a pool launcher (joblib) that sees a job raise kills the other workers,
