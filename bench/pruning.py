@@ -2,11 +2,12 @@
 the same sampler seeds, side by side.
 
     .venv/bin/python bench/pruning.py [--study lr_batch_decay_dropout] [--seeds 0 1] [--trials 30] \\
-        [--pruner 'study.pruner={name: median, n_warmup_steps: 2}'] [key=value ...]
+        [--pruner 'study.pruner.name=median +study.pruner.n_warmup_steps=4'] [--jobs 2] [key=value ...]
 
 Each study runs as a user would run it (`python run.py --multirun study=<name> study.sampler.seed=<s>
 study.n_trials=<n> [study.pruner.name=none] [key=value ...]`) in a temp folder of its own, one after
-another (one worker, so the machine's cores go to one trial at a time and timings are comparable). Per
+another (one worker, so the machine's cores go to one trial at a time and timings are comparable; `--jobs N`
+runs N studies at once, which changes their minutes, not their epochs or best values). Per
 study it prints the best value, the epochs trained (every epoch each trial reported, pruned ones included)
 and the trials pruned; then, per pruner, the medians over seeds of the pruned-to-unpruned epochs ratio and
 of the best-value gap, ending with one line for the study's own pruner:
@@ -25,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,18 +83,26 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--trials", type=int, default=30)
     parser.add_argument("--pruner", action="append", default=[], help="an override that sets another pruner")
+    parser.add_argument("--jobs", type=int, default=1, help="studies run at once (default 1)")
     parser.add_argument("--keep", type=Path, help="keep each study's folder (optuna.db, mlflow.db) under this one")
     args, extra = parser.parse_known_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     pruners = {OWN: None, **{p: p for p in args.pruner}}
     outcomes: dict[str, list[Outcome]] = {name: [] for name in [NONE, *pruners]}
+    runs = [(seed, name, override) for seed in args.seeds for name, override in [(NONE, NONE), *pruners.items()]]
+
+    def one(seed: int, name: str, override: str | None) -> Outcome:
+        folder = Path(tempfile.mkdtemp(prefix=f"pruning-seed{seed}-", dir=args.keep))
+        outcome = run_study(args.study, seed, args.trials, override, extra, folder)
+        if args.keep is None:
+            shutil.rmtree(folder)
+        return outcome
+
     print(f"{'pruner':<50} seed   best  epochs  pruned  minutes")
-    for seed in args.seeds:
-        for name, override in [(NONE, NONE), *pruners.items()]:
-            folder = Path(tempfile.mkdtemp(prefix=f"pruning-seed{seed}-", dir=args.keep))
-            outcome = run_study(args.study, seed, args.trials, override, extra, folder)
-            if args.keep is None:
-                shutil.rmtree(folder)
+    with ThreadPoolExecutor(args.jobs) as pool:  # each study is a process of its own: threads only wait
+        futures = [pool.submit(one, *run) for run in runs]
+        for (seed, name, _), future in zip(runs, futures, strict=True):
+            outcome = future.result()
             outcomes[name].append(outcome)
             print(
                 f"{name:<50} {seed:>4} {outcome.best:.4f} {outcome.epochs:>7} {outcome.pruned:>7} "

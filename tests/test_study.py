@@ -1,6 +1,6 @@
 """Optuna studies end to end, as a user runs them: `python run.py --multirun study=...` and `workbench study
 ...` as subprocesses, on real SQLite, Optuna, MLflow and Hydra launchers; read back from Optuna and MLflow.
-This file: one hyperband study, shared by the tests that read it back."""
+This file: one pruned study, shared by the tests that read it back."""
 
 from __future__ import annotations
 
@@ -38,21 +38,23 @@ def states(study: optuna.Study) -> list[TrialState]:
     return [t.state for t in study.get_trials(deepcopy=False)]
 
 
-# --- one study of 8 trials with hyperband, shared by the tests that read it back ------------------------
+# --- one study of 8 trials with the shipped pruner, shared by the tests that read it back ------------------
 
 
 @pytest.fixture(scope="module")
-def hyperband(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess, dict]:
-    """8 trials of the shipped study on small_cnn and digits, pruned by hyperband (4 epochs: rungs at 1
-    and 3). val_loss, a continuous value, so that the retrain check below is a tight one. Also returns the
-    worker's resident memory (MB) by trials finished: the basic launcher runs it in the launching process."""
-    cwd = tmp_path_factory.mktemp("hyperband")
+def pruned_study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess, dict]:
+    """8 trials of the shipped study on small_cnn and digits, pruned by its percentile pruner (4 epochs;
+    its warm-up cut from 4 epochs to 1, so that it can prune). val_loss, a continuous value, so that the
+    retrain check below is a tight one. Also returns the worker's resident memory (MB) by trials finished:
+    the basic launcher runs it in the launching process."""
+    cwd = tmp_path_factory.mktemp("pruned")
     args = [
         f"study={STUDY}",
         "study.n_trials=8",
         "study.metric=val_loss",
         "study.direction=minimize",
         "trainer.epochs=4",
+        "study.pruner.n_warmup_steps=1",
         "trainer.deterministic=true",
         *SMALL,
     ]
@@ -78,8 +80,8 @@ def _rss_mb(pid: int) -> float:
         return math.nan
 
 
-def test_hyperband_prunes_and_every_trial_is_a_child_run(hyperband, tmp_path: Path) -> None:
-    cwd, result, _ = hyperband
+def test_the_pruner_prunes_and_every_trial_is_a_child_run(pruned_study, tmp_path: Path) -> None:
+    cwd, result, _ = pruned_study
     study = load_study(cwd)
     trials = study.get_trials(deepcopy=False)
     assert len(trials) == 8 and all(t.state in FINISHED for t in trials)
@@ -91,7 +93,7 @@ def test_hyperband_prunes_and_every_trial_is_a_child_run(hyperband, tmp_path: Pa
     parent = client.get_run(parent_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["study"] == STUDY
     assert parent.data.params["space.optimizer.learning_rate"] == "float [0.0001, 0.1], log"
-    assert parent.data.params["pruner.name"] == "hyperband" and parent.data.params["sampler.name"] == "tpe"
+    assert parent.data.params["pruner.name"] == "percentile" and parent.data.params["sampler.name"] == "tpe"
     assert parent.data.params["study_file"] == f"studies/{STUDY}.yaml"
     assert parent.data.metrics["trials_complete"] == 8 - len(pruned)
     assert parent.data.metrics["trials_pruned"] == len(pruned)
@@ -147,15 +149,15 @@ def test_hyperband_prunes_and_every_trial_is_a_child_run(hyperband, tmp_path: Pa
     assert f"MLflow run {best.user_attrs['mlflow_run_id']}" in result.stdout
 
 
-def test_trials_in_one_worker_do_not_accumulate_memory(hyperband) -> None:
+def test_trials_in_one_worker_do_not_accumulate_memory(pruned_study) -> None:
     # TensorFlow kept every traced train step alive: 13 MB more per trial here, until the trainer dropped them.
-    _, _, memory = hyperband
+    _, _, memory = pruned_study
     growth = (memory[7] - memory[2]) / 5
     assert growth < 6, f"{growth:.1f} MB a trial: {memory}"
 
 
-def test_status_shows_trials_by_state_and_the_best(hyperband) -> None:
-    cwd, _, _ = hyperband
+def test_status_shows_trials_by_state_and_the_best(pruned_study) -> None:
+    cwd, _, _ = pruned_study
     study = load_study(cwd)
     result = workbench_cli(["study", "status", STUDY], cwd)
     assert result.returncode == 0, result.stderr
@@ -165,8 +167,8 @@ def test_status_shows_trials_by_state_and_the_best(hyperband) -> None:
     assert f"trial {study.best_trial.number}: val_loss={study.best_value:.6g}" in result.stdout
 
 
-def test_best_command_reproduces_the_best_trial(hyperband) -> None:
-    cwd, _, _ = hyperband
+def test_best_command_reproduces_the_best_trial(pruned_study) -> None:
+    cwd, _, _ = pruned_study
     study = load_study(cwd)
     result = workbench_cli(["study", "best", STUDY], cwd)
     assert result.returncode == 0, result.stderr
@@ -182,8 +184,8 @@ def test_best_command_reproduces_the_best_trial(hyperband) -> None:
     assert value == pytest.approx(study.best_value, rel=1e-6, abs=1e-7)
 
 
-def test_report_writes_plots_and_the_best_config(hyperband, tmp_path: Path) -> None:
-    cwd, _, _ = hyperband
+def test_report_writes_plots_and_the_best_config(pruned_study, tmp_path: Path) -> None:
+    cwd, _, _ = pruned_study
     result = workbench_cli(["study", "report", STUDY, "--out", str(tmp_path / "report")], cwd)
     assert result.returncode == 0, result.stderr
     assert str(tmp_path / "report") in result.stdout

@@ -3,14 +3,16 @@ storage, no MLflow store, no trial. Also: the shipped study files, override synt
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from pathlib import Path
 
+import optuna
 import pytest
 
 from helpers import ROOT, cli_env, run_cli
-from workbench.study import compose, preflight
+from workbench.study import compose, preflight, samplers
 from workbench.study.spec import Spec
 
 SHIPPED = sorted(p.stem for p in (ROOT / "studies").glob("*.yaml"))
@@ -54,10 +56,15 @@ INVALID = [
     pytest.param([STUDY, "study.metric=val_acc"], "study.metric=val_acc: not one of", id="unknown-metric"),
     pytest.param(
         [STUDY, "trainer.cv_folds=5"],
-        "study.pruner.name=hyperband: it prunes by epoch, and trainer.cv_folds=5 trials report folds",
+        "study.pruner.name=percentile: it prunes by epoch, and trainer.cv_folds=5 trials report folds",
         id="cv-with-epoch-pruner",
     ),
     pytest.param([STUDY, "study.pruner.name=wilcoxon"], "set trainer.cv_folds", id="wilcoxon-without-folds"),
+    pytest.param(
+        [STUDY, "study.pruner.name=median", "+study.pruner.n_warmup_step=4"],
+        "study.pruner.n_warmup_step: median takes n_startup_trials, n_warmup_steps",
+        id="unknown-pruner-option",
+    ),
     pytest.param(
         [STUDY, "study.pruner.name=none", "++study.params={trainer.cv_folds:{type:categorical,choices:[3,5]}}"],
         "study.params.trainer.cv_folds: trials are compared on the same folds",
@@ -110,6 +117,15 @@ def test_the_shipped_studies_search_what_the_issue_names() -> None:
     nasnet = preflight.preflight(spec("nasnet_large_momentum"), [])
     assert (nasnet.model.name, nasnet.optimizer.name) == ("nasnet_large", "momentum")
     assert spec("accuracy_vs_size").multi_objective
+
+
+def test_another_pruner_leaves_the_study_files_pruner_options(caplog: pytest.LogCaptureFixture) -> None:
+    # The file's percentile pruner takes a percentile; median does not.
+    spec = Spec.from_config(compose.compose([STUDY, "study.pruner.name=median"]).study, default_name="s")
+    with caplog.at_level(logging.WARNING):
+        pruner = samplers.make_pruner(spec, preflight.preflight(spec, []))
+    assert isinstance(pruner, optuna.pruners.MedianPruner)
+    assert "study.pruner.name=median: not taking percentile (the study file's pruner options)" in caplog.text
 
 
 @pytest.mark.parametrize("value", [1e-05, 0.1, 3, True, None, "small_cnn", "a b", "1e5", "it's"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import logging
 import warnings
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +39,8 @@ PRUNER_CLASSES = {
     "hyperband": "HyperbandPruner",
     "wilcoxon": "WilcoxonPruner",  # across the folds of trainer.cv_folds, not epochs
 }
+log = logging.getLogger(__name__)
+_SAID: set[str] = set()
 # Samplers whose Optuna class needs a package Optuna does not install.
 NEEDS = {"cmaes": ("cmaes", "pip install cmaes"), "gp": ("torch", "pip install torch")}
 
@@ -70,6 +73,7 @@ def make_pruner(spec: Spec, cfg: DictConfig) -> optuna.pruners.BasePruner:
     if name == "none":  # `study.pruner.name=none` turns pruning off, whatever options the file gave
         options = {}
     _check_resource(name, cfg.trainer.cv_folds)
+    options = _drop_other_pruners_options(name, options)
     if name in ("hyperband", "successive_halving"):
         options.setdefault("min_resource", 1)  # 'auto' would wait for a finished trial to guess it
     if name == "hyperband":
@@ -77,6 +81,24 @@ def make_pruner(spec: Spec, cfg: DictConfig) -> optuna.pruners.BasePruner:
     with warnings.catch_warnings():  # WilcoxonPruner is "experimental" (since Optuna 3.6): said in docs/studies.md
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return _construct(getattr(optuna.pruners, PRUNER_CLASSES[name]), "study.pruner", name, options)
+
+
+def _drop_other_pruners_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Options that another pruner takes and this one does not came with the study file's pruner
+    (`study.pruner.name=median` on a file with `percentile: 25.0`): dropped, saying so. An option that no
+    pruner takes stays, to be refused as the typo it is."""
+    import optuna
+
+    def takes(pruner: str) -> set[str]:
+        return set(inspect.signature(getattr(optuna.pruners, PRUNER_CLASSES[pruner])).parameters)
+
+    others = set().union(*(takes(other) for other in PRUNER_CLASSES if other != name))
+    dropped = sorted((set(options) - takes(name)) & others)
+    message = f"study.pruner.name={name}: not taking {', '.join(dropped)} (the study file's pruner options)"
+    if dropped and message not in _SAID:  # once: the preflight and an in-process worker both build the pruner
+        _SAID.add(message)
+        log.warning(message)
+    return {key: value for key, value in options.items() if key not in dropped}
 
 
 def _check_resource(pruner: str, folds: int | None) -> None:
