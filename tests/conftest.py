@@ -73,6 +73,7 @@ SLOW_FIRST = (
     "test_slurm",
     "test_finetune",
     "test_registry",
+    "test_keep",
     "test_outage",
     "test_models_chooser",
     "test_cv",

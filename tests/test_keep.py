@@ -1,13 +1,16 @@
 """`study.keep`, the study's artifact policy, and `workbench study gc`: real studies on small_cnn and digits,
-a local MLflow store and a real tracking server with an artifacts destination."""
+a local MLflow store and a real tracking server with an artifacts destination (where `study.register` is
+tested too: test_registry.py covers it on a SQLite store)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import mlflow
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
 from helpers import STUDY, TrackingServer, load_study, multirun, tracking_uri, workbench_cli
@@ -102,16 +105,35 @@ def test_gc_lists_then_deletes_what_a_stricter_policy_drops(study_folder: Path) 
     assert again.stdout.splitlines() == [again.stdout.splitlines()[-1]] and "freed 0 KB" in again.stdout
 
 
-def test_through_a_tracking_server_the_files_leave_its_artifacts_destination(
+def test_through_a_tracking_server_the_files_leave_its_artifacts_destination_and_the_winner_is_registered(
     workdir: Path, mlflow_server: TrackingServer
 ) -> None:
-    server = [f"tracking.uri={mlflow_server.url}", "tracking.experiment=keep-server"]
-    result = multirun([*TRIALS, *server, "study.n_trials=3", "study.keep={models: 1, checkpoints: 0}"], workdir)
+    """One study on a server for both: the policy deletes there, and study.register registers there (its
+    model, the one study.keep leaves, is what fine-tuning downloads)."""
+    from workbench.tracking import local_weights
+
+    server, name = [f"tracking.uri={mlflow_server.url}", "tracking.experiment=keep-server"], "served-cnn"
+    launch = [*TRIALS, *server, "study.n_trials=3", "study.keep={models: 1, checkpoints: 0}", f"study.register={name}"]
+    result = multirun(launch, workdir)
     assert result.returncode == 0, result.stderr[-3000:]
-    study = load_study(workdir)
-    held = holdings(MlflowClient(mlflow_server.url), study, mlflow_server.artifacts)
+    study, client = load_study(workdir), MlflowClient(mlflow_server.url)
+    held = holdings(client, study, mlflow_server.artifacts)
     assert held == expected(study, models=1, checkpoints=0)
     assert sum(model for model, _ in held.values()) == 1
+
+    version = client.get_model_version_by_alias(name, "champion")
+    best_run = study.best_trial.user_attrs["mlflow_run_id"]
+    (output,) = client.get_run(best_run).outputs.model_outputs
+    assert version.run_id == best_run and version.source == f"models:/{output.model_id}"
+    assert version.tags["trial_number"] == str(study.best_trial.number)
+    again = workbench_cli(["study", "best", STUDY, "--register", name, "--tracking-uri", mlflow_server.url], workdir)
+    assert again.returncode == 0 and "version 1, alias champion (already registered" in again.stdout, again.stderr
+    assert len(client.search_model_versions(f"name = '{name}'")) == 1
+    # The fine-tuning path's download, through the server, gives the trial's own file in its artifacts folder.
+    (stored,) = [p for p in mlflow_server.artifacts.rglob("model.keras") if output.model_id in p.parts]
+    mlflow.set_tracking_uri(mlflow_server.url)  # as the trainer sets it; conftest sets it back
+    with local_weights(OmegaConf.create({"name": "small_cnn", "weights": f"models:/{name}@champion"})) as cfg:
+        assert Path(cfg.weights).read_bytes() == stored.read_bytes()
 
 
 @pytest.mark.parametrize(

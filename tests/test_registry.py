@@ -1,13 +1,11 @@
 """The study's winner in the MLflow Model Registry: `study.register` when a study ends and `workbench study
-best --register`, on a SQLite store and on a real tracking server with an artifacts destination; then
+best --register`, on a SQLite store (test_keep.py registers through a real tracking server); then
 fine-tuning from `models:/MODEL@champion`. Real studies of small_cnn on digits."""
 
 from __future__ import annotations
 
-import contextlib
 import io
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import h5py
@@ -16,10 +14,9 @@ import numpy as np
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
-from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
-from helpers import STUDY, TrackingServer, load_study, multirun, run_cli, tracking_uri, workbench_cli
+from helpers import STUDY, load_study, multirun, run_cli, tracking_uri, workbench_cli
 from workbench.config import ConfigError
 from workbench.study import compose, preflight
 from workbench.study.spec import Spec
@@ -160,17 +157,6 @@ def test_a_multi_objective_study_needs_a_complete_trial_named(tmp_path: Path) ->
     )
 
 
-@contextlib.contextmanager
-def store(uri: str) -> Iterator[None]:
-    """MLflow's current store for this process, as the workbench's commands set it, then back."""
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(previous)
-
-
 def _model_file(uri: str, folder: Path) -> Path:
     return Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(folder))) / "data" / "model.keras"
 
@@ -194,9 +180,9 @@ def test_fine_tuning_from_the_champion_starts_from_its_weights(study_folder: tup
     run_id = result.stdout.split("\nRun ")[1].split()[0]
     assert client.get_run(run_id).data.params["model.weights"] == f"models:/{MODEL}@champion"
 
-    with store(tracking_uri(folder)):
-        loaded = _weights(_model_file(f"models:/{MODEL}/{champion.version}", tmp_path / "champion"))
-        tuned = _weights(_model_file(f"models:/{model_id(client, run_id)}", tmp_path / "tuned"))
+    mlflow.set_tracking_uri(tracking_uri(folder))  # for the downloads; conftest sets it back
+    loaded = _weights(_model_file(f"models:/{MODEL}/{champion.version}", tmp_path / "champion"))
+    tuned = _weights(_model_file(f"models:/{model_id(client, run_id)}", tmp_path / "tuned"))
     # Keras names the variables by class: layers/<the backbone model>/layers/<its layer>/vars/<i>, and the
     # head's layers/<layer>/vars/<i>.
     backbone = [k for k in loaded if k.count("layers/") == 2]
@@ -205,28 +191,3 @@ def test_fine_tuning_from_the_champion_starts_from_its_weights(study_folder: tup
     for key in backbone:  # frozen: exactly the champion's, which a fresh model would not be
         np.testing.assert_array_equal(tuned[key], loaded[key], err_msg=key)
     assert any(not np.array_equal(tuned[k], loaded[k]) for k in classifier)  # and the head trained on
-
-
-def test_a_study_on_a_tracking_server_registers_through_it(mlflow_server: TrackingServer, tmp_path: Path) -> None:
-    from workbench.tracking import local_weights
-
-    name = "served-cnn"
-    launch = [*TRIALS, "study.n_trials=1", f"study.register={name}", f"tracking.uri={mlflow_server.url}"]
-    result = multirun(launch, tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    client = MlflowClient(mlflow_server.url)
-    (trial,) = load_study(tmp_path).get_trials(deepcopy=False)
-    version = client.get_model_version_by_alias(name, "champion")
-    assert version.run_id == trial.user_attrs["mlflow_run_id"] and version.tags["trial_number"] == str(trial.number)
-    model = model_id(client, version.run_id)
-    assert version.source == f"models:/{model}"
-
-    again = workbench_cli(["study", "best", STUDY, "--register", name, "--tracking-uri", mlflow_server.url], tmp_path)
-    assert again.returncode == 0 and "version 1, alias champion (already registered" in again.stdout, again.stderr
-    assert len(client.search_model_versions(f"name = '{name}'")) == 1
-
-    # The fine-tuning path's download, through the server, gives the trial's own file in its artifacts folder.
-    (stored,) = [p for p in mlflow_server.artifacts.rglob("model.keras") if model in p.parts]
-    model_cfg = OmegaConf.create({"name": "small_cnn", "weights": f"models:/{name}@champion"})
-    with store(mlflow_server.url), local_weights(model_cfg) as cfg:
-        assert Path(cfg.weights).read_bytes() == stored.read_bytes()
