@@ -279,7 +279,7 @@ def gc(study: optuna.Study, spec: Spec, args: argparse.Namespace) -> None:
     for d in deletions:
         print(f"trial {d.trial}: {verb} {d.kind} of run {d.run_id} ({size_text(d.bytes)})")
     kept = ", ".join(
-        f"the best {n} keep their {kind}"
+        f"the best {n} keep their {kind}" if n else f"no trial keeps its {kind}"
         for kind, n in (("models", policy.models), ("checkpoints", policy.checkpoints))
         if n is not None
     )

@@ -150,7 +150,7 @@ def _probe(
     with strategy.scope():
         model = build_model(cfg, model_cfg, source.num_classes, pipelines.steps_per_epoch, learning_rate=schedule)
     recorder = LossRecorder(BETA, DIVERGED)
-    model.fit(pipelines.train, epochs=1, steps_per_epoch=steps, callbacks=[recorder], verbose=0)
+    model.fit(pipelines.train, epochs=1, steps_per_epoch=steps, callbacks=[recorder], shuffle=False, verbose=0)
     return Curve(learning_rates[: len(recorder.losses)], recorder.losses, recorder.smoothed, recorder.stop)
 
 
