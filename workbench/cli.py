@@ -442,7 +442,7 @@ def models(args: argparse.Namespace) -> None:
 
 def lr_find(args: argparse.Namespace) -> None:
     from workbench import lr_find as finder
-    from workbench import signals, tracking
+    from workbench import signals
     from workbench.precheck import check_overrides
     from workbench.server import check_server
     from workbench.study import compose
@@ -467,6 +467,8 @@ def lr_find(args: argparse.Namespace) -> None:
             "steps, so the range starts past where training diverges: lower --min (the default is 1e-7)",
             status=1,
         )
+    from workbench import tracking  # MLflow: not loaded for a refusal
+
     low, high = curve.search_range(found.suggested)
     print(f"Suggested: optimizer.learning_rate={found.suggested:.3g}")
     print("For a study file (studies/<name>.yaml), under study.params:")

@@ -90,9 +90,8 @@ class WorkbenchSweeper(Sweeper):
         return returns
 
     def _start(self, arguments: list[str]) -> tuple[Spec, optuna.Study, str]:
-        from workbench import tracking
         from workbench.server import check_server
-        from workbench.study import compose, parent, preflight, storage
+        from workbench.study import compose, preflight
 
         config, _ = self._setup_state()
         if config.get("study") is None:
@@ -104,6 +103,9 @@ class WorkbenchSweeper(Sweeper):
             base_cfg = preflight.preflight(spec, compose.user_overrides(arguments))
             # 2. The study and the MLflow store, created here once, before any worker starts.
             check_server(base_cfg.tracking)
+            from workbench import tracking  # MLflow: not loaded for a refusal
+            from workbench.study import parent, storage
+
             tracking.configure(base_cfg.tracking)
             study = storage.create_study(spec)
         except ConfigError as exc:
