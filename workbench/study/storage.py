@@ -224,11 +224,13 @@ def retried(call: Callable[[], T], outage_s: float = OUTAGE_S) -> T:
             time.sleep(2)
 
 
-# The storage calls a study makes while it runs, each made again while the server is away (retried): the
-# ones that open a database session. Optuna's cache in front of an RDBStorage calls the private ones
-# directly; the public create_new_trial, set_trial_param, get_all_trials and get_best_trial only delegate
-# to them (retrying both would nest the waits).
+# The storage calls a study makes, each made again while the server is away (retried): the ones that open
+# a database session, but delete_study, which the workbench never calls. Optuna's cache in front of an
+# RDBStorage calls the private ones directly; the public create_new_trial, set_trial_param, get_all_trials
+# and get_best_trial only delegate to them (retrying both would nest the waits). A create_new_study made
+# again after its commit went through meets the study it made, which create_study(load_if_exists) loads.
 RETRIED_CALLS = [
+    "create_new_study",
     "get_study_id_from_name",
     "get_study_name_from_id",
     "get_study_directions",
